@@ -1,0 +1,213 @@
+"""The run configuration: defaults here, JSON files in configs/, --set on top.
+
+`load(path, overrides)` returns a Config or raises ConfigError naming the
+offending key; nothing else in the project parses configuration.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config the user wrote is wrong; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data"             # folder of tiles, or a manifest.csv (searched recursively)
+    split: str = "train"           # manifest split to read ("" = every row); ignored for plain folders
+    grayscale: str = "error"       # grayscale tiles: "error" stops, "convert" replicates to RGB
+    bad_files: str = "error"       # unreadable files: "error" stops, "skip" reports and drops them
+    augment: bool = True           # random flips and 90-degree turns (overhead imagery has no "up")
+    in_memory: bool = True         # False: read each batch from disk in a background thread
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64           # tile side in pixels, power of two >= 8
+    channels: int = 3              # RGB
+    z_dim: int = 100               # latent size
+    z_dist: str = "uniform"        # latent distribution: "uniform" (-1..1) or "normal"
+    kernel: int = 5                # conv kernel side in pixels
+    gen_filters: int = 1024        # generator filters at 4x4, halved per 2x upsampling
+    disc_filters: int = 1024       # discriminator filters at 4x4, mirrored
+    extra_layers: int = 1          # stride-1 layers at full resolution (checkerboard fix)
+    gen_leaky: bool = False        # leaky ReLU in the generator too
+    leaky_slope: float = 0.2       # negative slope of leaky ReLU
+    bn_momentum: float = 0.9       # moving-average decay of batch-norm statistics
+    reg_scale: float = 1e-4        # L2 regulariser constant on the weights of each net
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000             # total training steps (one D update + two G updates each)
+    batch_size: int = 64           # real images per step (D sees as many fakes besides)
+    seed: int = 0                  # seeds the TF graph and NumPy
+    lr_gen: float = 2e-4           # Adam learning rate of the generator
+    lr_disc: float = 1.5e-4        # Adam learning rate of the three discriminator optimisers
+    beta1: float = 0.5             # Adam beta1 of all four optimisers
+    history_prob: float = 0.3      # probability that a step shows D cached old fakes
+    history_fraction: float = 0.5  # share of the fake half replaced when it does
+    history_size: int = 1000       # images kept in the history cache
+    log_every: int = 1             # steps between log.jsonl records
+    sample_every: int = 10         # steps between sample grids
+    checkpoint_every: int = 500    # steps between checkpoints
+    keep_checkpoints: int = 5      # newest checkpoints kept on disk
+
+
+@dataclass
+class RunConfig:
+    threads: int = 0               # intra-op threads; 0 = all cores below 4, else cores - 1
+    inter_op_threads: int = 1      # independent ops run at once
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.grayscale": ("error", "convert"),
+    "data.bad_files": ("error", "skip"),
+    "model.z_dist": ("uniform", "normal"),
+}
+
+# Keys that change the shape or meaning of the checkpointed graph.
+ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
+                     "model.gen_filters", "model.disc_filters", "model.extra_layers",
+                     "model.gen_leaky", "train.batch_size")
+
+
+def _section(cfg, name, key):
+    if name not in {f.name for f in dataclasses.fields(cfg)}:
+        raise ConfigError(f"unknown config section '{name}' in '{key}'; "
+                          f"sections are: {', '.join(f.name for f in dataclasses.fields(cfg))}")
+    return getattr(cfg, name)
+
+
+def _typed(key, value, kind):
+    """`value` as the field's type, from JSON or from a --set string."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            value = json.loads(text.lower() if kind is bool else text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"config key '{key}' expects {kind.__name__}, got '{text}'") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"config key '{key}' expects {kind.__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(cfg, key, value):
+    section_name, _, name = key.partition(".")
+    section = _section(cfg, section_name, key)
+    kinds = {f.name: f.type for f in dataclasses.fields(section)}
+    if name not in kinds:
+        raise ConfigError(f"unknown config key '{key}'; keys of '{section_name}' are: "
+                          f"{', '.join(kinds)}")
+    setattr(section, name, _typed(key, value, kinds[name]))
+
+
+def validate(cfg):
+    """Raise ConfigError for values no run can use, before any graph is built."""
+    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.run
+    for key, choices in CHOICES.items():
+        value = get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
+    positive = {"model.channels": m.channels, "model.z_dim": m.z_dim, "model.kernel": m.kernel,
+                "model.gen_filters": m.gen_filters, "model.disc_filters": m.disc_filters,
+                "train.steps": t.steps, "train.batch_size": t.batch_size,
+                "train.lr_gen": t.lr_gen, "train.lr_disc": t.lr_disc,
+                "train.log_every": t.log_every, "train.sample_every": t.sample_every,
+                "train.checkpoint_every": t.checkpoint_every,
+                "train.keep_checkpoints": t.keep_checkpoints,
+                "train.history_size": t.history_size, "run.inter_op_threads": r.inter_op_threads}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    size = m.image_size
+    if size < 8 or size & (size - 1):
+        raise ConfigError(f"config key 'model.image_size' must be a power of two >= 8, got {size}")
+    levels = size.bit_length() - 3  # 2x steps from 4x4
+    for key in ("model.gen_filters", "model.disc_filters"):
+        if get(cfg, key) % 2 ** levels:
+            raise ConfigError(f"config key '{key}' must be divisible by {2 ** levels} "
+                              f"(it is halved {levels} times), got {get(cfg, key)}")
+    for key in ("train.history_prob", "train.history_fraction", "train.beta1",
+                "model.bn_momentum"):
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"config key '{key}' must be within 0..1, got {get(cfg, key)}")
+    if m.extra_layers < 0 or r.threads < 0 or t.seed < 0 or m.reg_scale < 0:
+        raise ConfigError("config keys 'model.extra_layers', 'run.threads', 'train.seed' and "
+                          "'model.reg_scale' must be >= 0")
+    if not d.path:
+        raise ConfigError("config key 'data.path' is empty: give the folder of training tiles")
+
+
+def get(cfg, key):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def from_dict(raw, where="config"):
+    cfg = Config()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a JSON object of sections")
+    for section_name, values in raw.items():
+        if section_name.startswith("_"):
+            continue  # "_comment" and the like
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section_name}' must be a JSON object")
+        for name, value in values.items():
+            _set(cfg, f"{section_name}.{name}", value)
+    return cfg
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist; "
+                          f"pick one of configs/*.json or give a path to your own")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+
+
+def load(path=None, overrides=(), base=None):
+    """Defaults <- JSON file (or `base` dict) <- `section.key=value` overrides."""
+    raw = read_json(path) if path else (base or {})
+    cfg = from_dict(raw, path or "config")
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def differences(a, b, keys):
+    """The keys among `keys` whose values differ between configs a and b."""
+    return [k for k in keys if get(a, k) != get(b, k)]
+
+
+def flat(cfg):
+    return {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+
+
+def default_threads(cores=None):
+    """Lesson 28: leave one core free on machines with 4 or more cores."""
+    cores = cores or os.cpu_count() or 1
+    return cores - 1 if cores >= 4 else cores

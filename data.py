@@ -1,0 +1,258 @@
+"""Training tiles: found, validated and held as one uint8 NHWC array.
+
+Every file is read once at start-up (Lesson 4) with PIL (Lesson 13), checked
+(Lesson 7: grayscale, alpha, palette, 16-bit, corrupt and undersized files)
+with every problem reported at once by file name, and brought to
+image_size x image_size RGB by area averaging. Pixels stay uint8 0..255 here:
+the graph scales them exactly once (Lessons 8, 12, 29).
+
+Batches are a pure function of (seed, step), so a resumed run draws exactly
+the batches an uninterrupted one would, whether tiles sit in memory or are
+read from disk by a background thread.
+"""
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+MANIFEST = "manifest.csv"
+MAX_LISTED = 20  # problem files named in one error before "and N more"
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message names the files."""
+
+
+class TileError(ValueError):
+    """One file cannot be used as a tile; the message says why."""
+
+
+# ---------------------------------------------------------------- finding files
+
+def find_images(path, split="train"):
+    """Image files under `path`: a folder (recursive), or a manifest.csv split.
+
+    A folder holding a manifest.csv is read through its manifest, so the
+    bundled sample's holdout tiles never leak into training.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"data path '{path}' does not exist; set data.path to a folder of "
+                        f"tiles (e.g. --set data.path=data) or prepare one with prepare.py")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+        path = os.path.join(path, MANIFEST)
+    if os.path.isfile(path):
+        if os.path.basename(path).lower().endswith(".csv"):
+            return _manifest_files(path, split)
+        return [path]
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    if not files:
+        raise DataError(f"no image files (.png, .jpg, .tif, ...) found under '{path}'")
+    return files
+
+
+def _manifest_files(path, split):
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "file" not in rows[0]:
+        raise DataError(f"manifest '{path}' has no 'file' column (expected file,source,x,y,split)")
+    chosen = [r for r in rows if not split or r.get("split", "") == split]
+    if not chosen:
+        splits = sorted({r.get("split", "") for r in rows})
+        raise DataError(f"manifest '{path}' has no rows of split '{split}'; "
+                        f"it has: {', '.join(splits) or 'no rows'}")
+    return [os.path.join(folder, r["file"]) for r in chosen]
+
+
+# ---------------------------------------------------------------- reading one tile
+
+def read_tile(path, image_size, grayscale="error"):
+    """One file as uint8 [image_size, image_size, 3]; TileError says why not."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array, mode = _to_rgb(img, grayscale)
+    except TileError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise TileError(f"cannot be read as an image ({e})") from None
+    if array.ndim == 3 and grayscale == "error" and _is_gray(array) and mode != "gray":
+        raise TileError("is grayscale stored as RGB (all channels equal); "
+                        "set data.grayscale=convert to train on it as colour")
+    return _fit(array, image_size)
+
+
+def _to_rgb(img, grayscale):
+    """(uint8 HxWx3, kind) from any PIL mode, or TileError."""
+    mode = img.mode
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:
+            raise TileError(f"has transparent pixels ({mode} with alpha < 255); "
+                            f"cut tiles without no-data areas (prepare.py drops them)")
+        img = img.convert("RGB" if mode == "RGBA" else "L")
+        mode = img.mode
+    if mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+        if grayscale != "convert":
+            raise TileError(f"is grayscale (mode {mode}); use colour tiles, or set "
+                            f"data.grayscale=convert to replicate it to RGB")
+        gray = _gray_to_u8(img)
+        return np.repeat(gray[:, :, None], 3, axis=2), "gray"
+    if mode != "RGB":
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+    return np.asarray(img, np.uint8), "rgb"
+
+
+def _gray_to_u8(img):
+    if img.mode == "1":
+        return np.asarray(img.convert("L"), np.uint8)
+    values = np.asarray(img)
+    if values.dtype == np.uint8:
+        return values
+    if img.mode == "F":
+        if values.min() < 0 or values.max() > 1:
+            raise TileError("is a floating-point image outside 0..1; convert it to 8-bit first")
+        return np.round(values * 255).astype(np.uint8)
+    # 16-bit: the full 0..65535 range maps to 0..255, never clipped.
+    return np.round(values.astype(np.float32) / 257.0).clip(0, 255).astype(np.uint8)
+
+
+def _is_gray(rgb):
+    return np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+
+
+def _fit(rgb, size):
+    """Centre square, area-averaged to size x size; smaller images are refused."""
+    h, w = rgb.shape[:2]
+    if min(h, w) < size:
+        raise TileError(f"is {w}x{h}, smaller than the {size}x{size} tile size; "
+                        f"use larger images or a smaller model.image_size")
+    if (h, w) == (size, size):
+        return rgb
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(np.ascontiguousarray(rgb[top:top + side, left:left + side]))
+    return np.asarray(square.resize((size, size), Image.BOX), np.uint8)
+
+
+# ---------------------------------------------------------------- loading a set
+
+def load_tiles(path, split="train", image_size=64, grayscale="error", bad_files="error",
+               min_count=1, keep_pixels=True, log=print):
+    """All tiles as uint8 [N, S, S, 3] (or the file list only, keep_pixels=False).
+
+    Every file is read and checked before training starts; all problems are
+    reported together. Returns (tiles_or_None, files).
+    """
+    files = find_images(path, split)
+    tiles = np.empty((len(files), image_size, image_size, 3), np.uint8) if keep_pixels else None
+    problems, skipped = [], []
+
+    def read(i):
+        try:
+            tile = read_tile(files[i], image_size, grayscale)
+        except TileError as e:
+            return i, str(e)
+        if keep_pixels:
+            tiles[i] = tile
+        return i, None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, problem in pool.map(read, range(len(files))):
+            if problem is None:
+                continue
+            unreadable = problem.startswith("cannot be read")
+            if unreadable and bad_files == "skip":
+                skipped.append(i)
+            else:
+                problems.append(f"{files[i]}: {problem}")
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"{len(problems)} of {len(files)} files under '{path}' cannot be used:\n  "
+                        + "\n  ".join(problems[:MAX_LISTED]) + more)
+    if skipped:
+        names = ", ".join(files[i] for i in skipped[:MAX_LISTED])
+        log(f"skipped {len(skipped)} unreadable files (data.bad_files=skip): {names}")
+        keep = np.setdiff1d(np.arange(len(files)), skipped)
+        files = [files[i] for i in keep]
+        tiles = tiles[keep] if keep_pixels else None
+    if len(files) < min_count:
+        raise DataError(f"'{path}' holds {len(files)} usable tiles, fewer than one batch of "
+                        f"{min_count}; add tiles or lower train.batch_size")
+    return tiles, files
+
+
+# ---------------------------------------------------------------- batches
+
+def batch_indices(step, batch_size, count, seed):
+    """Tile indices of batch `step`: consecutive slices of per-epoch shuffles."""
+    start = step * batch_size
+    out = np.empty(batch_size, np.int64)
+    filled = 0
+    while filled < batch_size:
+        epoch, pos = divmod(start + filled, count)
+        perm = np.random.default_rng([seed, epoch]).permutation(count)
+        take = min(batch_size - filled, count - pos)
+        out[filled:filled + take] = perm[pos:pos + take]
+        filled += take
+    return out
+
+
+def augment(batch_u8, rng):
+    """Random member of the dihedral group per image: 4 turns x optional flip."""
+    choice = rng.integers(0, 8, len(batch_u8))
+    out = batch_u8.copy()
+    for k in range(1, 8):
+        idx = np.nonzero(choice == k)[0]
+        if idx.size:
+            turned = np.rot90(batch_u8[idx], k % 4, axes=(1, 2))
+            out[idx] = turned[:, :, ::-1] if k >= 4 else turned
+    return out
+
+
+class Batches:
+    """uint8 batches [B, S, S, 3] by step, from memory or from disk.
+
+    From disk (tiles=None), the batch of step t+1 is read by a background
+    thread while step t trains (Lesson 4); the pixels are the same either way.
+    """
+
+    def __init__(self, tiles, files, batch_size, image_size, seed, grayscale="error"):
+        self.tiles, self.files = tiles, files
+        self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
+        self.grayscale = grayscale
+        self._next = None  # (step, future) of the prefetched batch
+        self._pool = ThreadPoolExecutor(max_workers=1) if tiles is None else None
+
+    def __len__(self):
+        return len(self.files)
+
+    def _read(self, step):
+        idx = batch_indices(step, self.batch_size, len(self.files), self.seed)
+        if self.tiles is not None:
+            return self.tiles[idx]
+        return np.stack([read_tile(self.files[i], self.image_size, self.grayscale) for i in idx])
+
+    def get(self, step):
+        if self._pool is None:
+            return self._read(step)
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._read(step)
+        self._next = (step + 1, self._pool.submit(self._read, step + 1))
+        return batch
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -1,0 +1,177 @@
+"""DCGAN generator and discriminator graphs (Radford et al. 2015), TF1 style.
+
+Pure graph building: every hyper-parameter is a keyword argument, nothing here
+reads a config file or knows about training. Images are NHWC throughout
+(batch, height, width, channels) (Lesson 11) and in -1..+1 at the generator
+output and the discriminator input.
+
+Layers are written on `tf.compat.v1.get_variable` and `tf.nn` ops because
+Keras 3 leaves no `tf.compat.v1.layers`. Shapes are static wherever the batch
+size is known: static transposed-conv output shapes and fused batch norm ran
+about 2x faster on CPU than `tf.shape`-derived shapes and `tf.nn.moments`.
+"""
+import math
+
+import tensorflow as tf
+
+tf1 = tf.compat.v1
+
+GEN_SCOPE = "generator"
+DISC_SCOPE = "discriminator"
+
+
+# ---------------------------------------------------------------- layer helpers
+
+def _weight(name, shape):
+    # Lesson 19: Xavier/Glorot uniform, limit sqrt(6 / (fan_in + fan_out)).
+    return tf1.get_variable(name, shape, tf.float32, tf1.glorot_uniform_initializer())
+
+
+def _bias(name, size):
+    # Lesson 18: biases start at zero.
+    return tf1.get_variable(name, [size], tf.float32, tf1.constant_initializer(0.0))
+
+
+def dense(x, units, name):
+    with tf1.variable_scope(name):
+        w = _weight("w", [int(x.shape[-1]), units])
+        return tf.matmul(x, w) + _bias("b", units)
+
+
+def conv2d(x, filters, kernel, stride, name):
+    """Strided convolution, SAME padding: size / stride (Lesson 21: no pooling)."""
+    with tf1.variable_scope(name):
+        w = _weight("w", [kernel, kernel, int(x.shape[-1]), filters])
+        y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME")
+        return tf.nn.bias_add(y, _bias("b", filters))
+
+
+def deconv2d(x, filters, kernel, stride, name):
+    """Fractionally-strided (transposed) convolution: size * stride (Lesson 21)."""
+    with tf1.variable_scope(name):
+        w = _weight("w", [kernel, kernel, filters, int(x.shape[-1])])
+        _, h, wd, _ = x.shape.as_list()
+        batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+        out_shape = [batch, h * stride, wd * stride, filters]
+        if not isinstance(batch, int):
+            out_shape = tf.stack(out_shape)  # only for a SavedModel's [None] batch
+        y = tf.nn.conv2d_transpose(x, w, out_shape, [1, stride, stride, 1], "SAME")
+        return tf.nn.bias_add(y, _bias("b", filters))
+
+
+def batch_norm(x, is_training, momentum, name):
+    """Fused batch norm over NHWC with moving averages for inference (Lesson 23).
+
+    In training mode it normalises with the batch statistics and its update
+    ops (in UPDATE_OPS) move the averages; in inference mode it uses the
+    averages, so an image does not depend on the other images in its batch.
+    """
+    with tf1.variable_scope(name):
+        channels = int(x.shape[-1])
+        gamma = tf1.get_variable("gamma", [channels], initializer=tf1.ones_initializer())
+        beta = tf1.get_variable("beta", [channels], initializer=tf1.zeros_initializer())
+        moving_mean = tf1.get_variable(
+            "moving_mean", [channels], initializer=tf1.zeros_initializer(), trainable=False)
+        moving_var = tf1.get_variable(
+            "moving_var", [channels], initializer=tf1.ones_initializer(), trainable=False)
+
+        def batch_stats():
+            return tf1.nn.fused_batch_norm(x, gamma, beta, epsilon=1e-5, is_training=True)
+
+        def moving_stats():
+            y, _, _ = tf1.nn.fused_batch_norm(
+                x, gamma, beta, mean=moving_mean, variance=moving_var,
+                epsilon=1e-5, is_training=False)
+            return y, moving_mean.read_value(), moving_var.read_value()
+
+        y, mean, var = tf.cond(is_training, batch_stats, moving_stats)
+        # Run only by the train ops, which always feed is_training=True.
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, moving_mean.assign(
+            moving_mean * momentum + mean * (1.0 - momentum)))
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, moving_var.assign(
+            moving_var * momentum + var * (1.0 - momentum)))
+        return y
+
+
+def _activation(x, leaky, slope):
+    return tf.nn.leaky_relu(x, slope) if leaky else tf.nn.relu(x)
+
+
+def _levels(image_size):
+    """Number of 2x resolution steps between 4x4 and image_size."""
+    levels = int(round(math.log2(image_size / 4)))
+    if image_size < 8 or 4 * 2 ** levels != image_size:
+        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+    return levels
+
+
+# ---------------------------------------------------------------- the two nets
+
+def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
+              kernel=5, extra_layers=1, gen_leaky=False, leaky_slope=0.2,
+              bn_momentum=0.9, **_):
+    """z [N, z_dim] -> images [N, S, S, channels] in -1..+1.
+
+    4x4 x gen_filters, then filters halve while resolution doubles (Lesson 20),
+    then `extra_layers` stride-1 transposed convs at full resolution against
+    checkerboard artefacts (Lesson 27), the last one to `channels` and tanh
+    (Lesson 17). Batch norm everywhere except the output layer (Lesson 26).
+    """
+    levels = _levels(image_size)
+    act = lambda x: _activation(x, gen_leaky, leaky_slope)
+    bn = lambda x, name: batch_norm(x, is_training, bn_momentum, name)
+    with tf1.variable_scope(GEN_SCOPE, reuse=tf1.AUTO_REUSE):
+        x = dense(z_in, 4 * 4 * gen_filters, "project")
+        x = act(bn(tf.reshape(x, [-1, 4, 4, gen_filters]), "project_bn"))  # [N, 4, 4, F]
+        for i in range(1, levels + 1):
+            last = i == levels and extra_layers == 0
+            filters = channels if last else gen_filters // 2 ** i
+            x = deconv2d(x, filters, kernel, 2, f"up{i}")  # [N, 4*2^i, 4*2^i, F/2^i]
+            if last:
+                return tf.tanh(x)
+            x = act(bn(x, f"up{i}_bn"))
+        for j in range(1, extra_layers + 1):
+            last = j == extra_layers
+            x = deconv2d(x, channels if last else int(x.shape[-1]), kernel, 1, f"same{j}")
+            if last:
+                return tf.tanh(x)  # [N, S, S, channels]
+            x = act(bn(x, f"same{j}_bn"))
+
+
+def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel=5,
+                  extra_layers=1, leaky_slope=0.2, bn_momentum=0.9, **_):
+    """Images [N, S, S, C] in -1..+1 -> logits [N].
+
+    The mirror of the generator (Lesson 16): `extra_layers` stride-1 convs at
+    full resolution, then strided convs doubling the filters up to
+    disc_filters at 4x4, leaky ReLU (Lesson 22), batch norm except on the
+    first layer (Lesson 26), one logit.
+    """
+    levels = _levels(image_size)
+    act = lambda x: tf.nn.leaky_relu(x, leaky_slope)
+    bn = lambda x, name: batch_norm(x, is_training, bn_momentum, name)
+    first = True
+    with tf1.variable_scope(DISC_SCOPE, reuse=tf1.AUTO_REUSE):
+        x = x_in
+        full_res_filters = disc_filters // 2 ** levels
+        for j in range(extra_layers, 0, -1):
+            x = conv2d(x, full_res_filters, kernel, 1, f"same{j}")  # [N, S, S, F/2^levels]
+            x = act(x if first else bn(x, f"same{j}_bn"))
+            first = False
+        for i in range(levels, 0, -1):
+            x = conv2d(x, disc_filters // 2 ** (i - 1), kernel, 2, f"down{i}")
+            x = act(x if first else bn(x, f"down{i}_bn"))  # [N, 4*2^(i-1), .., F/2^(i-1)]
+            first = False
+        x = tf.reshape(x, [-1, 4 * 4 * disc_filters])
+        return tf.squeeze(dense(x, 1, "logit"), axis=1)  # [N]
+
+
+def l2_regulariser(scope, scale):
+    """scale * sum(w^2) / 2 over the scope's weights, not biases (Lesson 24)."""
+    weights = [v for v in tf1.trainable_variables(scope + "/") if v.op.name.endswith("/w")]
+    return tf.multiply(scale, tf.add_n([tf.nn.l2_loss(w) for w in weights]), name=scope + "_reg")
+
+
+def count_params(scope):
+    """Trainable parameters of one net (moving averages are not counted)."""
+    return sum(v.shape.num_elements() for v in tf1.trainable_variables(scope + "/"))

@@ -1,0 +1,468 @@
+"""Train the DCGAN on a folder of tiles.
+
+    python train.py --config configs/cpu.json [--set section.key=value]... [--out DIR]
+    python train.py --resume RUN_DIR_OR_CHECKPOINT_PREFIX [--config ...] [--set ...]
+
+Reads top to bottom: parse -> load tiles -> build the graph once -> create or
+restore the session -> loop. Each step measures D on the current batch,
+updates D along path A or B, updates G twice, then fetches the losses in a
+run of their own (Lessons 15, 39).
+"""
+import argparse
+import io
+import json
+import os
+import signal
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+import config as config_lib
+import data
+import model
+import runs
+from history_cache import HistoryCache
+
+tf1 = tf.compat.v1
+tf.get_logger().setLevel("ERROR")  # no deprecation notes from the v1 Saver
+LOSS_KEYS = ("d_real_loss", "d_fake_loss", "d_reg_loss", "g_loss", "g_reg_loss")
+
+
+# ---------------------------------------------------------------- pure decisions
+
+def choose_path(d_real_acc, d_fake_acc):
+    """Lesson 39: path A when D misjudges at least half of the reals or of the fakes.
+
+    Path A optimises D's real and fake losses separately (two runs); path B
+    takes one run on the total loss and leaves G room.
+    """
+    return "A" if d_real_acc <= 0.5 or d_fake_acc <= 0.5 else "B"
+
+
+def use_history(coin, prob, cached, needed):
+    """Lesson 33: replay old fakes with probability `prob`, once enough are cached."""
+    return coin < prob and cached >= needed
+
+
+def history_count(batch_size, fraction):
+    return int(round(batch_size * fraction))
+
+
+def sample_latents(rng, shape, dist):
+    if dist == "normal":
+        return rng.standard_normal(shape).astype(np.float32)
+    return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- the graph
+
+def build_graph(cfg):
+    """Every op of the run, built once; returns a dict of the tensors the loop uses."""
+    m, t = cfg.model, cfg.train
+    B, S = t.batch_size, m.image_size
+    g = {}
+    with tf.name_scope("Inputs"):
+        # Pixels arrive as uint8 0..255 and are scaled exactly once, here (Lessons 8, 12).
+        g["reals_u8_in"] = tf1.placeholder(tf.uint8, [B, S, S, m.channels], "reals_u8_in")
+        g["z_in"] = tf1.placeholder(tf.float32, [B, m.z_dim], "z_in")
+        g["history_u8_in"] = tf1.placeholder_with_default(
+            tf.zeros([B, S, S, m.channels], tf.uint8), [B, S, S, m.channels], "history_u8_in")
+        g["history_mask_in"] = tf1.placeholder_with_default(tf.zeros([B]), [B], "history_mask_in")
+        g["is_training_in"] = tf1.placeholder_with_default(True, [], "is_training_in")
+        g["step_in"] = tf1.placeholder(tf.int64, [], "step_in")
+
+    to_signed = lambda u8: tf.image.convert_image_dtype(u8, tf.float32) * 2.0 - 1.0  # Lesson 29
+    reals = to_signed(g["reals_u8_in"])  # [B, S, S, C] in -1..1
+    g["reals_in"] = reals
+    kw = dict(vars(m))
+    g["fakes_out"] = model.generator(g["z_in"], g["is_training_in"], **kw)  # [B, S, S, C]
+    g["fakes_u8_out"] = tf.image.convert_image_dtype(
+        (g["fakes_out"] + 1.0) / 2.0, tf.uint8, saturate=True)
+
+    # Lesson 33-35: cached fakes, stored as uint8 like the reals, replace part of the fake half.
+    mask = g["history_mask_in"][:, None, None, None]
+    fakes_for_d = g["fakes_out"] * (1.0 - mask) + to_signed(g["history_u8_in"]) * mask
+
+    # Lesson 38: one D call on one batch of reals and fakes; losses on its halves.
+    logits = model.discriminator(tf.concat([reals, fakes_for_d], 0), g["is_training_in"], **kw)
+    real_logits, fake_logits = logits[:B], logits[B:]  # [B], [B]
+    ce = tf.nn.sigmoid_cross_entropy_with_logits
+    g["d_real_loss"] = tf.reduce_mean(ce(labels=tf.ones([B]), logits=real_logits))
+    g["d_fake_loss"] = tf.reduce_mean(ce(labels=tf.zeros([B]), logits=fake_logits))
+    own = 1.0 - g["history_mask_in"]  # G is judged on its own fakes only
+    g["g_loss"] = tf.reduce_sum(ce(labels=tf.ones([B]), logits=fake_logits) * own) / \
+        tf.maximum(tf.reduce_sum(own), 1.0)
+    g["d_reg_loss"] = model.l2_regulariser(model.DISC_SCOPE, m.reg_scale)  # Lessons 24-25
+    g["g_reg_loss"] = model.l2_regulariser(model.GEN_SCOPE, m.reg_scale)
+    g["d_real_acc"] = tf.reduce_mean(tf.cast(real_logits > 0, tf.float32))
+    g["d_fake_acc"] = tf.reduce_mean(tf.cast(fake_logits < 0, tf.float32))
+
+    # Lesson 32: four Adam optimisers, one per minimised loss, none sharing state.
+    d_vars = tf1.trainable_variables(model.DISC_SCOPE + "/")
+    g_vars = tf1.trainable_variables(model.GEN_SCOPE + "/")
+    updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+
+    def adam(name, lr, loss, var_list, scope):
+        with tf.control_dependencies([u for u in updates if u.name.startswith(scope + "/")]):
+            return tf1.train.AdamOptimizer(lr, beta1=t.beta1, name=name).minimize(
+                loss, var_list=var_list, name=name + "_op")
+
+    d_reg, g_reg = g["d_reg_loss"], g["g_reg_loss"]
+    g["d_real_op"] = adam("adam_d_real", t.lr_disc, g["d_real_loss"] + d_reg, d_vars, model.DISC_SCOPE)
+    g["d_fake_op"] = adam("adam_d_fake", t.lr_disc, g["d_fake_loss"] + d_reg, d_vars, model.DISC_SCOPE)
+    g["d_total_op"] = adam("adam_d_total", t.lr_disc,
+                           g["d_real_loss"] + g["d_fake_loss"] + d_reg, d_vars, model.DISC_SCOPE)
+    g["g_op"] = adam("adam_g", t.lr_gen, g["g_loss"] + g_reg, g_vars, model.GEN_SCOPE)
+
+    g["global_step"] = tf1.get_variable("global_step", [], tf.int64,
+                                        tf1.zeros_initializer(), trainable=False)
+    g["set_step_op"] = g["global_step"].assign(g["step_in"])
+    g["init_op"] = tf1.global_variables_initializer()
+    g["saver"] = tf1.train.Saver(max_to_keep=cfg.train.keep_checkpoints)
+    return g
+
+
+# ---------------------------------------------------------------- one step
+
+def train_step(sess, g, reals_u8, z, history_u8, history_used):
+    """One training step on one batch; returns the record to log (without timing)."""
+    feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z}
+    if history_used:
+        mask = np.zeros(len(z), np.float32)
+        mask[:len(history_u8)] = 1.0
+        padded = np.zeros_like(reals_u8)
+        padded[:len(history_u8)] = history_u8
+        feed[g["history_u8_in"]], feed[g["history_mask_in"]] = padded, mask
+
+    # Measure D on the batch it is about to learn from (Lesson 39). The fakes
+    # are kept and fed back to the D updates, which need no second G pass.
+    fakes, real_acc, fake_acc = sess.run(
+        [g["fakes_out"], g["d_real_acc"], g["d_fake_acc"]], feed)
+    path = choose_path(real_acc, fake_acc)
+    d_feed = {**feed, g["fakes_out"]: fakes}
+
+    # Update D: maximize log(D(x)) + log(1 - D(G(z))), its halves apart on path A.
+    if path == "A":
+        sess.run(g["d_real_op"], d_feed)
+        sess.run(g["d_fake_op"], d_feed)
+    else:
+        sess.run(g["d_total_op"], d_feed)
+
+    # Update G twice: maximize log(D(G(z))) on its own fakes only.
+    g_feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z}
+    sess.run(g["g_op"], g_feed)
+    sess.run(g["g_op"], g_feed)
+
+    # Lesson 15: losses in a run of their own, after the optimisers.
+    losses = sess.run({k: g[k] for k in LOSS_KEYS}, feed)
+    record = {k: float(v) for k, v in losses.items()}
+    record.update(path=path, d_real_acc=float(real_acc), d_fake_acc=float(fake_acc),
+                  history_used=bool(history_used))
+    return record, fakes
+
+
+# ---------------------------------------------------------------- output files
+
+def image_grid(images_u8, gap=2):
+    """[N, H, W, C] -> one uint8 picture, about square, with a thin white gap."""
+    n, h, w, c = images_u8.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
+    for i, img in enumerate(images_u8):
+        r, col = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = img
+    return grid
+
+
+def png_bytes(picture_u8):
+    buf = io.BytesIO()
+    Image.fromarray(picture_u8).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_atomic(path, payload):
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
+    os.replace(path + ".tmp", path)
+
+
+def tb_scalars(writer, record):
+    values = [tf1.Summary.Value(tag=k, simple_value=float(v)) for k, v in record.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
+    values.append(tf1.Summary.Value(tag="path_a", simple_value=float(record["path"] == "A")))
+    values.append(tf1.Summary.Value(tag="history_used", simple_value=float(record["history_used"])))
+    writer.add_summary(tf1.Summary(value=values), record["step"])
+
+
+def tb_image(writer, tag, picture_u8, step):
+    h, w, c = picture_u8.shape
+    image = tf1.Summary.Image(height=h, width=w, colorspace=c,
+                              encoded_image_string=png_bytes(picture_u8))
+    writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag=tag, image=image)]), step)
+
+
+def plot_losses(records, path):
+    """Losses over steps with the steps that took path A marked (the article's figure)."""
+    steps = np.array([r["step"] for r in records])
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True,
+                                    gridspec_kw={"height_ratios": [5, 1]})
+    for key, style in (("d_real_loss", "-"), ("d_fake_loss", "-"), ("g_loss", "-"),
+                       ("d_reg_loss", "--"), ("g_reg_loss", "--")):
+        ax.plot(steps, [r[key] for r in records], style, lw=0.8, label=key)
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("losses; below: D path per step (A = separate real/fake updates)")
+    path_a = np.array([r["path"] == "A" for r in records])
+    history = np.array([r["history_used"] for r in records])
+    strip.vlines(steps[path_a], 1, 2, color="tab:red", lw=0.6, label="path A")
+    strip.vlines(steps[~path_a], 1, 2, color="tab:blue", lw=0.6, label="path B")
+    strip.vlines(steps[history], 0, 0.8, color="tab:gray", lw=0.6, label="history used")
+    strip.set_yticks([])
+    strip.set_xlabel("step")
+    strip.legend(loc="upper right", fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ---------------------------------------------------------------- run folder
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Train the satgan DCGAN on a folder of tiles.")
+    p.add_argument("--config", help="JSON config (configs/*.json); optional with --resume")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--out", help="run folder (default runs/<config-name>-<timestamp>)")
+    p.add_argument("--resume", metavar="PREFIX_OR_RUN_DIR",
+                   help="continue a run from a checkpoint prefix or a run folder's newest checkpoint")
+    args = p.parse_args(argv)
+    if not args.config and not args.resume:
+        p.error("give --config (e.g. configs/cpu.json) or --resume RUN_DIR")
+    return args
+
+
+def open_run(args):
+    """(cfg, run_dir, prefix or None, changed safe keys) after every check that can fail early."""
+    if args.resume:
+        prefix, run_dir = runs.resolve_checkpoint(args.resume)
+        if args.out and os.path.abspath(args.out) != os.path.abspath(run_dir):
+            raise runs.RunError(f"--resume continues in its own folder '{run_dir}'; drop --out")
+        saved = runs.read_run_config(run_dir)
+        base = config_lib.read_json(args.config) if args.config else saved.to_dict()
+        cfg = config_lib.load(base=base, overrides=args.set)
+        arch = config_lib.differences(saved, cfg, config_lib.ARCHITECTURE_KEYS)
+        if arch:
+            raise runs.RunError(
+                f"cannot resume '{prefix}': the config changes its architecture ("
+                + ", ".join(f"{k}: {config_lib.get(saved, k)} -> {config_lib.get(cfg, k)}"
+                            for k in arch) + "); resume with the run's own values")
+        changed = {k: [config_lib.get(saved, k), config_lib.get(cfg, k)]
+                   for k in config_lib.differences(saved, cfg, list(config_lib.flat(cfg)))}
+        return cfg, run_dir, prefix, changed
+    cfg = config_lib.load(args.config, args.set)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    run_dir = args.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.isdir(os.path.join(run_dir, runs.CHECKPOINTS)) and \
+            os.listdir(os.path.join(run_dir, runs.CHECKPOINTS)):
+        raise runs.RunError(f"'{run_dir}' already holds a run; continue it with "
+                            f"--resume {run_dir}, or choose another --out")
+    return cfg, run_dir, None, {}
+
+
+def session_config(cfg):
+    threads = cfg.run.threads or config_lib.default_threads()  # Lesson 28
+    return tf1.ConfigProto(intra_op_parallelism_threads=threads,
+                           inter_op_parallelism_threads=cfg.run.inter_op_threads)
+
+
+def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z):
+    """Sidecar first, then the Saver, whose index update makes the step the newest."""
+    prefix = os.path.join(ckpt_dir, f"model-{step}")
+    sess.run(g["set_step_op"], {g["step_in"]: step})
+    runs.save_sidecar(prefix, {"sample_z": sample_z, **{f"history_{k}": v
+                                                         for k, v in cache.state().items()}})
+    g["saver"].save(sess, os.path.join(ckpt_dir, "model"), global_step=step,
+                    write_meta_graph=False)
+    runs.remove_orphan_sidecars(ckpt_dir)
+    return prefix
+
+
+def restore_checkpoint(sess, g, prefix, cache):
+    """Weights, all four Adam states and BN averages, then the sidecar; returns (step, sample_z)."""
+    try:
+        g["saver"].restore(sess, prefix)
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        raise runs.RunError(f"checkpoint '{prefix}' does not match this model: "
+                            f"{str(e).splitlines()[0]}") from None
+    state = runs.load_sidecar(prefix)
+    cache.load_state({k[len("history_"):]: v for k, v in state.items() if k.startswith("history_")})
+    ckpt_dir = os.path.dirname(prefix)
+    known = tf.train.get_checkpoint_state(ckpt_dir)
+    if known:
+        g["saver"].recover_last_checkpoints(list(known.all_model_checkpoint_paths))
+    return int(sess.run(g["global_step"])), state["sample_z"]
+
+
+# ---------------------------------------------------------------- main
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, run_dir, prefix, changed = open_run(args)
+    t, m = cfg.train, cfg.model
+
+    started = time.time()
+    tiles, files = data.load_tiles(cfg.data.path, cfg.data.split, m.image_size, cfg.data.grayscale,
+                                   cfg.data.bad_files, min_count=t.batch_size,
+                                   keep_pixels=cfg.data.in_memory)
+    batches = data.Batches(tiles, files, t.batch_size, m.image_size, t.seed, cfg.data.grayscale)
+    held = f"{tiles.nbytes / 2 ** 20:.1f} MB uint8 in memory" if tiles is not None else "read from disk"
+    print(f"data: {len(files)} tiles from {cfg.data.path} ({held}), {time.time() - started:.1f} s")
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(t.seed)  # Lesson 6
+        g = build_graph(cfg)
+    print(f"model: generator {model_count(graph, model.GEN_SCOPE):,} parameters, "
+          f"discriminator {model_count(graph, model.DISC_SCOPE):,} parameters")
+
+    os.makedirs(run_dir, exist_ok=True)
+    lock = runs.acquire_lock(run_dir)
+    try:
+        with graph.as_default():  # the Saver and FileWriter look up the default graph
+            return train(cfg, graph, g, batches, run_dir, prefix, changed)
+    finally:
+        batches.close()
+        runs.release_lock(lock)
+
+
+def model_count(graph, scope):
+    with graph.as_default():
+        return model.count_params(scope)
+
+
+def train(cfg, graph, g, batches, run_dir, prefix, changed):
+    t, m = cfg.train, cfg.model
+    ckpt_dir = os.path.join(run_dir, runs.CHECKPOINTS)
+    sample_dir = os.path.join(run_dir, "samples")
+    for d in (ckpt_dir, sample_dir):
+        os.makedirs(d, exist_ok=True)
+    log_path = os.path.join(run_dir, "log.jsonl")
+    cache = HistoryCache(t.history_size, (m.image_size, m.image_size, m.channels), seed=t.seed)
+    n_history = history_count(t.batch_size, t.history_fraction)
+
+    sess = tf1.Session(graph=graph, config=session_config(cfg))
+    writer = tf1.summary.FileWriter(os.path.join(run_dir, "tensorboard"))
+    graph.finalize()  # Lesson 14: the loop below can add no op
+    if prefix:
+        step, sample_z = restore_checkpoint(sess, g, prefix, cache)
+        records = runs.truncate_log(log_path, step)
+        runs.Log(log_path).write({"event": "resume", "step": step, "checkpoint": prefix,
+                                  "changed": changed})
+        print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
+    else:
+        sess.run(g["init_op"])
+        step, records = 0, []
+        sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
+                                  (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
+    config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    write_atomic(os.path.join(run_dir, "config.json"), config_text.encode())
+    log = runs.Log(log_path)
+    stop = StopFlag()
+    print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
+
+    saved_step = step
+    while step < t.steps and stop.signal is None:
+        step_started = time.time()
+        step += 1
+        rng = np.random.default_rng([t.seed, step])  # every draw of a step, by seed and step
+        reals = batches.get(step - 1)
+        if cfg.data.augment:
+            reals = data.augment(reals, rng)
+        z = sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist)
+        history_used = use_history(rng.random(), t.history_prob, len(cache), n_history)
+        history = cache.sample(n_history) if history_used else None
+        record, fakes = train_step(sess, g, reals, z, history, history_used)
+        cache.add(to_u8(fakes[0]))  # Lesson 34: from the generated batch, stored as uint8
+
+        bad = [k for k in LOSS_KEYS if not np.isfinite(record[k])]
+        if bad:
+            log.write({"step": step, **record, "error": "non-finite loss"})
+            raise runs.RunError(f"step {step}: {', '.join(bad)} became {record[bad[0]]}; "
+                                f"training stopped and the last good checkpoint is kept in "
+                                f"{ckpt_dir}; lower the learning rates and resume from it")
+        record = {"step": step, **record,
+                  "imgs_per_s": t.batch_size / (time.time() - step_started)}
+        records.append(record)
+        if step % t.log_every == 0:
+            log.write(record)
+            tb_scalars(writer, record)
+        if step % t.sample_every == 0:
+            dump_samples(sess, g, sample_z, sample_dir, writer, step)
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z)
+            plot_losses(records, os.path.join(run_dir, "losses.png"))
+            saved_step = step
+        if step % 50 == 0 or step == t.steps:
+            print(f"step {step:6d}  D real {record['d_real_loss']:.3f}  fake {record['d_fake_loss']:.3f}"
+                  f"  G {record['g_loss']:.3f}  path {record['path']}  {record['imgs_per_s']:.0f} img/s",
+                  flush=True)
+
+    if stop.signal is not None:
+        if saved_step != step:
+            save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z)
+            plot_losses(records, os.path.join(run_dir, "losses.png"))
+        print(f"stopped by {stop.signal} after step {step}; checkpoint saved. "
+              f"Continue with: python train.py --resume {run_dir}")
+    else:
+        print(f"done: {step} steps; samples in {sample_dir}, checkpoints in {ckpt_dir}")
+    writer.close()
+    log.close()
+    sess.close()
+    return 0
+
+
+def to_u8(image):
+    """-1..1 float image -> uint8 0..255, the range the real path is fed with (Lesson 35)."""
+    return np.clip(np.round((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def dump_samples(sess, g, sample_z, sample_dir, writer, step):
+    """Grid from the fixed noise in inference mode (moving-average batch norm)."""
+    fakes = sess.run(g["fakes_u8_out"], {g["z_in"]: sample_z, g["is_training_in"]: False})
+    picture = image_grid(fakes)
+    write_atomic(os.path.join(sample_dir, f"step-{step:06d}.png"), png_bytes(picture))
+    tb_image(writer, "samples", picture, step)
+
+
+def cli(argv=None):
+    try:
+        return main(argv)
+    except (config_lib.ConfigError, data.DataError, runs.RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
