@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +75,14 @@ class Scene:
     source: str          # what the manifest's source column says
     paths: list          # one image, or the red, green and blue band files
     size: tuple          # (width, height) in pixels
-    holdout: bool = None  # fixed split of a file from a tile folder; None: split by blocks
+    holdout: bool | None = None  # fixed split of a file from a tile folder; None: by blocks
 
 
 @dataclass
 class Counts:
     scenes: int = 0
     folder_files: int = 0
-    train: int = 0
-    holdout: int = 0
+    kept: Counter = field(default_factory=Counter)  # split -> tiles written
     no_data: int = 0      # tiles with a no-data pixel
     uniform: int = 0      # tiles below --min-std
     block_edge: int = 0   # tiles crossing a holdout block edge
@@ -264,13 +263,21 @@ def check_band_groups_complete(bands, before=None):
                            f"list three band files per scene")
 
 
+def image_files(folder, out):
+    """Image files below `folder`, sorted, leaving out hidden files and the --out folder (a
+    re-run with --overwrite must not read its own earlier tiles)."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and p.is_file() and out not in p.resolve().parents)
+
+
 def folder_scenes(folder, args, taken):
     """Each image file below `folder` is a scene of its own; the holdout takes whole files."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                   and p.is_file())
+    files = image_files(folder, args.out.resolve())
     if not files:
         raise PrepareError(f"{folder}: no PNG, JPEG or TIFF files found (searched recursively); "
                            f"check the folder")
+    log(f"folder {folder}: {len(files):,} image files")
     held = set(random.Random(args.seed).sample(range(len(files)), round(args.holdout * len(files))))
     scenes = []
     for i, path in enumerate(files):
@@ -334,7 +341,7 @@ def nodata_cells(pixels, width, height, cell):
     corners and sizes are whole cells, so checking a tile is a lookup instead of a re-read."""
     rows, cols = height // cell, width // cell
     cells = np.zeros((rows, cols), bool)
-    rows_per_read = max(1, 512 // cell)
+    rows_per_read = max(1, 64 // cell)   # strips of about 64 pixel rows bound the memory
     for r0 in range(0, rows, rows_per_read):
         r1 = min(rows, r0 + rows_per_read)
         nodata = pixels.nodata_rows(r0 * cell, r1 * cell)[:, :cols * cell]
@@ -351,8 +358,8 @@ def block_of(x, y, size, block):
 
 
 def pick_holdout_blocks(tiles_per_block, fraction, rng):
-    """Blocks, in seeded random order, join the holdout while that brings its tile count
-    closer to `fraction` of all tiles."""
+    """Go through the blocks in seeded random order; a block joins the holdout when that
+    brings the holdout's tile count closer to `fraction` of all tiles."""
     target = fraction * sum(tiles_per_block.values())
     order = sorted(tiles_per_block)
     rng.shuffle(order)
@@ -415,7 +422,7 @@ def tile_scene(scene, args, out, manifest, counts, progress):
             file = f"{split}/{scene.name}_x{x:05d}_y{y:05d}.png"
             Image.fromarray(tile).save(out / file, optimize=True)
             manifest.writerow([file, scene.source, x, y, split])
-            setattr(counts, split, getattr(counts, split) + 1)
+            counts.kept[split] += 1
             progress(counts)
 
 
@@ -429,7 +436,7 @@ def make_progress():
             last = time.monotonic()
         elif time.monotonic() - last >= PROGRESS_EVERY_S:
             last = time.monotonic()
-            log(f"  {counts.train + counts.holdout:,} tiles written")
+            log(f"  {counts.kept.total():,} tiles written")
     return progress
 
 
@@ -437,7 +444,8 @@ def band_roles(paths):
     """', red=B4.TIF green=B3.TIF blue=B2.TIF' for a band scene, so the grouping can be checked."""
     if len(paths) != 3:
         return ""
-    return ", " + " ".join(f"{role}={path.name}" for role, path in zip(("red", "green", "blue"), paths))
+    roles = zip(("red", "green", "blue"), paths)
+    return ", " + " ".join(f"{role}={path.name}" for role, path in roles)
 
 
 def write_tiles(scenes, out, args):
@@ -494,11 +502,11 @@ def prepare(scenes, args):
 
 
 def summary(counts, out):
-    kept = counts.train + counts.holdout
+    kept = counts.kept.total()
     inputs = [f"{n:,} {what}" for n, what in ((counts.scenes, "scene(s)"),
                                                (counts.folder_files, "file(s) from folders")) if n]
     lines = [f"done: {' and '.join(inputs)} -> {kept:,} tiles in {out}",
-             f"  kept     {counts.train:,} train, {counts.holdout:,} holdout",
+             f"  kept     {counts.kept['train']:,} train, {counts.kept['holdout']:,} holdout",
              f"  dropped  {counts.no_data:,} with no-data pixels, {counts.uniform:,} near-uniform "
              f"(--min-std), {counts.block_edge:,} crossing a holdout block edge"]
     if counts.too_small:
@@ -562,7 +570,7 @@ def parse_args(argv=None):
         p.error(f"--source-tile {args.source_tile} is smaller than --tile {args.tile}; "
                 f"tiles are only ever shrunk")
     if not 0 <= args.holdout < 1:
-        p.error(f"--holdout {args.holdout} must be a fraction in 0..1 (e.g. 0.1)")
+        p.error(f"--holdout {args.holdout} must be a fraction with 0 <= F < 1 (e.g. 0.1)")
     if args.block < args.source_tile:
         p.error(f"--block {args.block} must be at least --source-tile {args.source_tile}")
     if not 0 <= args.percentiles[0] < args.percentiles[1] <= 100:
@@ -580,6 +588,10 @@ def main(argv=None):
         counts = prepare(scenes, args)
     except PrepareError as error:
         print(f"prepare.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:    # reading errors became PrepareError: this is the output side
+        print(f"prepare.py: error: cannot write to {args.out} ({error}); check the folder and "
+              f"the free disk space", file=sys.stderr)
         return 2
     print(summary(counts, args.out))
     return 0

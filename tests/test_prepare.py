@@ -1,0 +1,308 @@
+"""prepare.py on small synthetic scenes: tiling, stretch, no-data, area averaging, holdout
+separation and bad inputs. Everything is written under tmp_path; the whole file runs in seconds."""
+import csv
+import random
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import prepare  # noqa: E402
+
+
+def run(*argv):
+    """prepare.py in-process; returns its exit code."""
+    return prepare.main([str(a) for a in argv])
+
+
+def run_script(*argv):
+    """prepare.py as a user runs it, for exit code and stderr."""
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def manifest(out):
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def noise(height, width, seed=0):
+    """RGB uint8 noise with no pure-black pixel (which would count as no data)."""
+    return np.random.default_rng(seed).integers(30, 226, (height, width, 3), dtype=np.uint8)
+
+
+def save_band(path, band):
+    Image.fromarray(band.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"   # what PIL makes of a Landsat band too
+    return path
+
+
+def tile_pixels(out, row):
+    return np.asarray(Image.open(out / row["file"]))
+
+
+# ---------------------------------------------------------------- scenes
+
+def test_scene_above_pil_pixel_limit_is_tiled_in_bounded_memory(tmp_path, monkeypatch):
+    scene = noise(512, 768)
+    Image.fromarray(scene).save(tmp_path / "big.png")
+    # Lower PIL's decompression-bomb limit so this modest scene counts as far above it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.png")
+
+    tracemalloc.start()
+    try:
+        code = run(tmp_path / "big.png", "--out", tmp_path / "out", "--holdout", 0)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert code == 0
+    assert peak_bytes < 3 * scene.nbytes
+    assert Image.MAX_IMAGE_PIXELS == 100_000    # lifted only while opening the scene
+    rows = manifest(tmp_path / "out")
+    assert len(rows) == (512 // 64) * (768 // 64)
+    row = rows[13]
+    x, y = int(row["x"]), int(row["y"])
+    assert row["source"] == "big.png" and row["split"] == "train"
+    assert np.array_equal(tile_pixels(tmp_path / "out", row), scene[y:y + 64, x:x + 64])
+
+
+def test_band_files_drop_nodata_collar_and_stretch_by_percentiles(tmp_path, capsys):
+    height, width, collar = 256, 320, 10
+    rng = np.random.default_rng(1)
+    bands = [rng.integers(low, low + 3000, (height, width)) for low in (6000, 7000, 8000)]
+    inside = np.zeros((height, width), bool)
+    inside[collar:-collar, collar:-collar] = True
+    for band in bands:
+        band[~inside] = 0          # no-data collar in every band
+    paths = [save_band(tmp_path / f"scene_B{n}.tif", band) for n, band in zip((4, 3, 2), bands)]
+
+    assert run(*paths, "--out", tmp_path / "out", "--holdout", 0) == 0
+
+    rows = manifest(tmp_path / "out")
+    # 5 x 4 tile positions; only the 3 x 2 inner ones stay clear of the 10-pixel collar.
+    assert sorted((int(r["x"]), int(r["y"])) for r in rows) == [
+        (x, y) for x in (64, 128, 192) for y in (64, 128)]
+    assert "14 with no-data pixels" in capsys.readouterr().out
+    assert rows[0]["source"] == "scene_B4.tif+scene_B3.tif+scene_B2.tif"
+    assert rows[0]["file"].startswith("train/scene_x")
+
+    tiles = [tile_pixels(tmp_path / "out", r) for r in rows]
+    assert min(t.min() for t in tiles) == 0 and max(t.max() for t in tiles) == 255
+    for c, band in enumerate(bands):
+        low, high = np.percentile(band[inside], [2, 98])
+        for row, tile in zip(rows, tiles):
+            x, y = int(row["x"]), int(row["y"])
+            expected = np.clip((band[y:y + 64, x:x + 64] - low) * 255 / (high - low), 0, 255)
+            assert np.abs(tile[..., c] - expected).max() <= 1
+
+
+def test_rgba_alpha_zero_is_nodata_and_palette_becomes_rgb(tmp_path, capsys):
+    rgba = np.dstack([noise(128, 128), np.full((128, 128), 255, np.uint8)])
+    rgba[:5, :5, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(noise(128, 64)).convert("P").save(tmp_path / "palette.png")
+
+    assert run(tmp_path / "rgba.png", tmp_path / "palette.png", "--out", tmp_path / "out",
+               "--holdout", 0) == 0
+
+    rows = manifest(tmp_path / "out")
+    assert [(r["source"], r["x"], r["y"]) for r in rows if r["source"] == "rgba.png"] == [
+        ("rgba.png", "64", "0"), ("rgba.png", "0", "64"), ("rgba.png", "64", "64")]
+    assert sum(r["source"] == "palette.png" for r in rows) == 2
+    assert all(Image.open(tmp_path / "out" / r["file"]).mode == "RGB" for r in rows)
+    assert "1 with no-data pixels" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- folders of tiles
+
+def test_folder_of_256_tiles_is_area_averaged_to_64(tmp_path):
+    folder = tmp_path / "tiles" / "15"
+    (folder / "9000").mkdir(parents=True)
+    png_tile = noise(256, 256, seed=2)
+    Image.fromarray(png_tile).save(folder / "9000" / "1234.png")
+    Image.fromarray(noise(256, 256, seed=3)).save(folder / "9000" / "1235.jpg", quality=90)
+
+    assert run(tmp_path / "tiles", "--source-tile", 256, "--tile", 64, "--holdout", 0,
+               "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert [r["source"] for r in rows] == ["tiles/15/9000/1234.png", "tiles/15/9000/1235.jpg"]
+    tile = tile_pixels(tmp_path / "out", rows[0])
+    assert tile.shape == (64, 64, 3)
+    block_means = png_tile.reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
+    assert np.abs(tile - block_means).max() <= 0.5 + 1e-6
+    assert tile_pixels(tmp_path / "out", rows[1]).shape == (64, 64, 3)
+
+
+def test_non_integer_shrink_keeps_area_means(tmp_path):
+    (tmp_path / "tiles").mkdir()
+    two_tone = np.full((96, 96, 3), 40, np.uint8)
+    two_tone[:, 48:] = 200
+    Image.fromarray(two_tone).save(tmp_path / "tiles" / "a.png")
+
+    assert run(tmp_path / "tiles", "--source-tile", 96, "--tile", 64, "--holdout", 0,
+               "--out", tmp_path / "out") == 0
+
+    tile = tile_pixels(tmp_path / "out", manifest(tmp_path / "out")[0]).astype(float)
+    assert tile.shape == (64, 64, 3)
+    assert abs(tile.mean() - two_tone.mean()) <= 1
+    assert (tile[:, :31] == 40).all() and (tile[:, 33:] == 200).all()
+
+
+def test_folder_holdout_takes_whole_files(tmp_path):
+    (tmp_path / "tiles").mkdir()
+    for i in range(10):
+        Image.fromarray(noise(128, 128, seed=i)).save(tmp_path / "tiles" / f"{i}.png")
+
+    assert run(tmp_path / "tiles", "--holdout", 0.3, "--out", tmp_path / "out") == 0
+
+    split_of_file = {}
+    for row in manifest(tmp_path / "out"):
+        split_of_file.setdefault(row["source"], set()).add(row["split"])
+    assert len(split_of_file) == 10
+    assert all(len(splits) == 1 for splits in split_of_file.values())
+    assert sum(splits == {"holdout"} for splits in split_of_file.values()) == 3
+
+
+def test_rerun_into_a_folder_inside_the_source_folder_skips_its_own_tiles(tmp_path):
+    (tmp_path / "tiles").mkdir()
+    for i in range(3):
+        Image.fromarray(noise(64, 64, seed=i)).save(tmp_path / "tiles" / f"{i}.png")
+    out = tmp_path / "tiles" / "out"
+
+    assert run(tmp_path / "tiles", "--holdout", 0, "--out", out) == 0
+    assert run(tmp_path / "tiles", "--holdout", 0, "--out", out, "--overwrite") == 0
+
+    assert [r["source"] for r in manifest(out)] == ["tiles/0.png", "tiles/1.png", "tiles/2.png"]
+
+
+def test_min_std_drops_near_uniform_tiles(tmp_path, capsys):
+    scene = noise(64, 256)
+    scene[:, :128] = 90         # two flat tiles on the left, two textured on the right
+    Image.fromarray(scene).save(tmp_path / "flat.png")
+
+    assert run(tmp_path / "flat.png", "--min-std", 2, "--holdout", 0,
+               "--out", tmp_path / "out") == 0
+
+    assert [r["x"] for r in manifest(tmp_path / "out")] == ["128", "192"]
+    assert "2 near-uniform" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- holdout
+
+def footprints(rows, size):
+    return [(int(r["x"]), int(r["y"]), int(r["x"]) + size, int(r["y"]) + size) for r in rows]
+
+
+def overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_holdout_tiles_never_overlap_train_tiles(tmp_path):
+    Image.fromarray(noise(384, 384, seed=4)).save(tmp_path / "scene.png")
+    argv = [tmp_path / "scene.png", "--source-tile", 32, "--tile", 16, "--stride", 16,
+            "--block", 96, "--holdout", 0.25]
+
+    assert run(*argv, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    train = footprints([r for r in rows if r["split"] == "train"], 32)
+    holdout = footprints([r for r in rows if r["split"] == "holdout"], 32)
+    assert train and holdout
+    assert 0.1 < len(holdout) / len(rows) < 0.4
+    assert not any(overlap(t, h) for t in train for h in holdout)
+    assert all((tmp_path / "out" / r["file"]).parent.name == r["split"] for r in rows)
+
+    assert run(*argv, "--out", tmp_path / "again") == 0   # the same seed, the same split
+    assert manifest(tmp_path / "again") == rows
+
+
+def test_pick_holdout_blocks_aims_at_the_fraction():
+    tiles_per_block = {(bx, by): 10 for bx in range(5) for by in range(4)}
+    held = prepare.pick_holdout_blocks(tiles_per_block, 0.1, random.Random(0))
+    assert len(held) == 2
+    assert prepare.pick_holdout_blocks(tiles_per_block, 0.0, random.Random(0)) == set()
+
+
+# ---------------------------------------------------------------- bad inputs
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A folder of valid and broken inputs."""
+    Image.fromarray(noise(128, 128)).save(tmp_path / "good.png")
+    Image.fromarray(noise(128, 128)[..., 0]).save(tmp_path / "gray.png")
+    (tmp_path / "junk.png").write_bytes(b"this is not an image")
+    Image.fromarray(noise(256, 256)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[:len(data) // 2])
+    save_band(tmp_path / "r.tif", np.full((96, 96), 7000))
+    save_band(tmp_path / "g.tif", np.full((96, 96), 7000))
+    save_band(tmp_path / "b_small.tif", np.full((96, 80), 7000))
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("sources, named", [
+    (["missing.png"], "missing.png"),
+    (["junk.png"], "junk.png"),
+    (["truncated.png"], "truncated.png"),      # header fine, pixels cut: fails while tiling
+    (["r.tif", "g.tif", "b_small.tif"], "b_small.tif"),
+    (["r.tif", "g.tif", "good.png"], "r.tif"),  # only two bands before an image
+    (["gray.png"], "gray.png"),
+    (["empty"], "empty"),
+])
+def test_bad_input_exits_2_naming_it_and_writes_nothing(inputs, capsys, sources, named):
+    out = inputs / "out"
+    code = run(*[inputs / s for s in sources], "--out", out, "--source-tile", 64)
+    message = capsys.readouterr().err
+    assert code == 2
+    assert named in message and "error" in message
+    assert not out.exists()
+    assert not list(inputs.glob(".out.partial-*"))
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(inputs):
+    for source in ("missing.png", "truncated.png"):
+        result = run_script(inputs / source, "--out", inputs / "out")
+        assert result.returncode == 2
+        assert source in result.stderr and "Traceback" not in result.stderr
+        assert not (inputs / "out").exists()
+
+
+def test_grayscale_convert_copies_gray_to_rgb(inputs):
+    assert run(inputs / "gray.png", "--grayscale", "convert", "--holdout", 0,
+               "--out", inputs / "out") == 0
+    tile = tile_pixels(inputs / "out", manifest(inputs / "out")[0])
+    assert tile.shape == (64, 64, 3)
+    assert (tile[..., 0] == tile[..., 1]).all() and (tile[..., 1] == tile[..., 2]).all()
+
+
+def test_unknown_option_value_exits_2(inputs):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.parse_args([str(inputs / "good.png"), "--out", "x", "--grayscale", "maybe"])
+    assert exit_info.value.code == 2
+
+
+def test_existing_out_is_refused_unless_overwrite(inputs, capsys):
+    out = inputs / "out"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    (out / "manifest.csv").write_text("old")
+
+    assert run(inputs / "good.png", "--out", out) == 2
+    assert str(out) in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.csv"]
+    assert (out / "manifest.csv").read_text() == "old"
+
+    assert run(inputs / "good.png", "--out", out, "--overwrite", "--holdout", 0) == 0
+    assert (out / "README.md").read_text() == "keep me"
+    assert len(manifest(out)) == 4
