@@ -11,6 +11,7 @@ the batches an uninterrupted one would, whether tiles sit in memory or are
 read from disk by a background thread.
 """
 import csv
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -256,3 +257,23 @@ class Batches:
     def close(self):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- pictures out
+
+def image_grid(images_u8, gap=2):
+    """[N, H, W, C] -> one uint8 picture, about square, with a thin white gap."""
+    n, h, w, c = images_u8.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
+    for i, img in enumerate(images_u8):
+        r, col = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = img
+    return grid
+
+
+def png_bytes(picture_u8):
+    buf = io.BytesIO()
+    Image.fromarray(picture_u8).save(buf, format="PNG")
+    return buf.getvalue()

@@ -9,7 +9,6 @@ updates D along path A or B, updates G twice, then fetches the losses in a
 run of their own (Lessons 15, 39).
 """
 import argparse
-import io
 import json
 import os
 import signal
@@ -23,7 +22,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 import config as config_lib
 import data
@@ -171,24 +169,6 @@ def train_step(sess, g, reals_u8, z, history_u8, history_used):
 
 # ---------------------------------------------------------------- output files
 
-def image_grid(images_u8, gap=2):
-    """[N, H, W, C] -> one uint8 picture, about square, with a thin white gap."""
-    n, h, w, c = images_u8.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
-    for i, img in enumerate(images_u8):
-        r, col = divmod(i, cols)
-        grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = img
-    return grid
-
-
-def png_bytes(picture_u8):
-    buf = io.BytesIO()
-    Image.fromarray(picture_u8).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_atomic(path, payload):
     with open(path + ".tmp", "wb") as f:
         f.write(payload)
@@ -206,7 +186,7 @@ def tb_scalars(writer, record):
 def tb_image(writer, tag, picture_u8, step):
     h, w, c = picture_u8.shape
     image = tf1.Summary.Image(height=h, width=w, colorspace=c,
-                              encoded_image_string=png_bytes(picture_u8))
+                              encoded_image_string=data.png_bytes(picture_u8))
     writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag=tag, image=image)]), step)
 
 
@@ -451,8 +431,8 @@ def to_u8(image):
 def dump_samples(sess, g, sample_z, sample_dir, writer, step):
     """Grid from the fixed noise in inference mode (moving-average batch norm)."""
     fakes = sess.run(g["fakes_u8_out"], {g["z_in"]: sample_z, g["is_training_in"]: False})
-    picture = image_grid(fakes)
-    write_atomic(os.path.join(sample_dir, f"step-{step:06d}.png"), png_bytes(picture))
+    picture = data.image_grid(fakes)
+    write_atomic(os.path.join(sample_dir, f"step-{step:06d}.png"), data.png_bytes(picture))
     tb_image(writer, "samples", picture, step)
 
 

@@ -1,0 +1,144 @@
+"""The networks: shapes, ranges, sizes, initialisation, batch-norm behaviour."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model
+
+tf1 = tf.compat.v1
+TINY = dict(image_size=16, gen_filters=16, disc_filters=16, kernel=3, extra_layers=1)
+
+
+def build(batch=8, z_dim=8, **kw):
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(0)
+        z = tf1.placeholder(tf.float32, [batch, z_dim])
+        training = tf1.placeholder_with_default(True, [])
+        fakes = model.generator(z, training, **kw)
+        logits = model.discriminator(fakes, training, **kw)
+    return graph, z, training, fakes, logits
+
+
+def test_shapes_nhwc_and_tanh_range():
+    graph, z, training, fakes, logits = build(**TINY)
+    assert fakes.shape.as_list() == [8, 16, 16, 3]  # NHWC (Lesson 11)
+    assert logits.shape.as_list() == [8]
+    with graph.as_default(), tf1.Session() as sess:
+        sess.run(tf1.global_variables_initializer())
+        out = sess.run(fakes, {z: np.random.default_rng(0).uniform(-50, 50, (8, 8))})
+    assert out.min() >= -1.0 and out.max() <= 1.0  # tanh (Lesson 17)
+    assert out.min() < -0.5 and out.max() > 0.5
+
+
+def test_article_parameter_counts_match_the_write_up():
+    """Lesson 20 and the article config: G within 5% of 19,154,627, D within 15% of 19,616,609."""
+    graph, *_ = build(batch=64, z_dim=100, image_size=64, gen_filters=1024, disc_filters=1024,
+                      kernel=5, extra_layers=1)
+    with graph.as_default():
+        g, d = model.count_params(model.GEN_SCOPE), model.count_params(model.DISC_SCOPE)
+    assert g == 19_072_515 and abs(g / 19_154_627 - 1) < 0.05
+    assert d == 17_435_009 and abs(d / 19_616_609 - 1) < 0.15
+
+
+def _layer_filters(graph, scope):
+    with graph.as_default():
+        kernels = [v for v in tf1.trainable_variables(scope + "/") if v.op.name.endswith("/w")]
+    return [(v.op.name, v.shape.as_list()) for v in kernels]
+
+
+def test_discriminator_mirrors_generator():
+    """Lesson 16: same number of layers, mirrored filter counts; Lesson 21: strides, no pooling."""
+    graph, *_ = build(batch=4, z_dim=100, image_size=64, gen_filters=1024, disc_filters=1024,
+                      kernel=5, extra_layers=1)
+    gen = _layer_filters(graph, "generator")
+    disc = _layer_filters(graph, "discriminator")
+    assert len(gen) == len(disc) == 6
+    # Generator conv kernels are [k, k, out, in]; discriminator [k, k, in, out].
+    gen_outs = [s[2] for _, s in gen[1:]]
+    disc_ins = [s[2] for _, s in disc[:-1]]
+    assert gen_outs == [512, 256, 128, 64, 3]
+    assert disc_ins == gen_outs[::-1]
+    with graph.as_default():
+        ops = {op.type for op in tf1.get_default_graph().get_operations()}
+    assert not ops & {"MaxPool", "AvgPool"}
+    assert "Conv2DBackpropInput" in ops  # fractionally-strided convs up
+
+
+def test_batch_norm_placement():
+    """Lesson 26: no BN on G's output layer nor on D's first layer; BN elsewhere (Lesson 23)."""
+    graph, *_ = build(**TINY)
+    with graph.as_default():
+        names = [v.op.name for v in tf1.global_variables()]
+    assert "generator/project_bn/gamma" in names and "generator/up2_bn/gamma" in names
+    assert not any(n.startswith("generator/same1_bn") for n in names)  # output layer
+    assert "discriminator/down2_bn/gamma" in names
+    assert not any(n.startswith("discriminator/same1_bn") for n in names)  # first layer
+    assert any(n.endswith("moving_mean") for n in names)
+
+
+def test_xavier_uniform_weights_and_zero_biases():
+    """Lessons 18-19: weights U(-a, a), a = sqrt(6 / (fan_in + fan_out)); biases 0."""
+    graph, *_ = build(batch=4, z_dim=100, image_size=32, gen_filters=256, disc_filters=256,
+                      kernel=5)
+    with graph.as_default(), tf1.Session() as sess:
+        sess.run(tf1.global_variables_initializer())
+        up1 = [v for v in tf1.global_variables() if v.op.name == "generator/up1/w"][0]
+        w = sess.run(up1)  # [5, 5, 128, 256]
+        biases = sess.run([v for v in tf1.global_variables() if v.op.name.endswith("/b")])
+    limit = np.sqrt(6.0 / (25 * 128 + 25 * 256))
+    assert np.abs(w).max() <= limit
+    assert np.isclose(w.std(), limit / np.sqrt(3), rtol=0.02)
+    assert all(np.all(b == 0.0) for b in biases)
+
+
+def test_regulariser_is_half_sum_of_squared_weights_times_scale():
+    """Lesson 24: L2 on the weights (not the biases) of each net."""
+    graph, *_ = build(**TINY)
+    with graph.as_default(), tf1.Session() as sess:
+        reg = model.l2_regulariser("generator", 1e-4)
+        sess.run(tf1.global_variables_initializer())
+        weights = sess.run([v for v in tf1.trainable_variables("generator/")
+                            if v.op.name.endswith("/w")])
+        expected = 1e-4 * sum((w.astype(np.float64) ** 2).sum() / 2 for w in weights)
+        assert np.isclose(sess.run(reg), expected, rtol=1e-5)
+
+
+def test_generated_image_does_not_depend_on_its_batch():
+    """Lesson 23: inference mode uses moving averages, so batch size and neighbours don't matter."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(0)
+        z_train = tf1.placeholder(tf.float32, [8, 8])
+        training = tf1.placeholder_with_default(True, [])
+        fakes_train = model.generator(z_train, training, **TINY)
+        updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+        z_any = tf1.placeholder(tf.float32, [None, 8])  # any batch size, same weights
+        fakes_any = model.generator(z_any, tf.constant(False), **TINY)
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            rng = np.random.default_rng(1)
+            for _ in range(5):  # move the averages away from their initial 0/1
+                sess.run(updates, {z_train: rng.uniform(-1, 1, (8, 8))})
+            z = rng.uniform(-1, 1, (8, 8)).astype(np.float32)
+            alone = sess.run(fakes_any, {z_any: z[:1]})
+            in_batch = sess.run(fakes_any, {z_any: z})
+            shuffled = sess.run(fakes_any, {z_any: z[::-1]})
+            batch_stats = sess.run(fakes_train, {z_train: z})
+    np.testing.assert_allclose(alone[0], in_batch[0], atol=1e-5)
+    np.testing.assert_allclose(in_batch, shuffled[::-1], atol=1e-5)
+    assert np.abs(batch_stats - in_batch).max() > 1e-3  # training mode really differs
+
+
+def test_image_size_must_be_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        build(image_size=48, gen_filters=16, disc_filters=16)
+
+
+@pytest.mark.parametrize("extra", [0, 2])
+def test_extra_layers_count(extra):
+    kw = dict(TINY, extra_layers=extra)
+    graph, z, training, fakes, logits = build(**kw)
+    assert fakes.shape.as_list() == [8, 16, 16, 3]
+    gen, disc = _layer_filters(graph, "generator"), _layer_filters(graph, "discriminator")
+    assert len(gen) == len(disc) == 1 + 2 + extra
