@@ -1,0 +1,173 @@
+"""Loading tiles: every file checked at start-up, problems named, pixels exact (Lessons 4, 7, 13)."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from conftest import ROOT, run_script, write_tiles
+
+
+def save(folder, name, array, mode=None):
+    path = os.path.join(folder, name)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def rgb(seed=0, size=64):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def test_reads_a_folder_recursively_ignoring_other_files(tmp_path):
+    write_tiles(str(tmp_path / "a"), 3)
+    write_tiles(str(tmp_path / "a" / "deeper"), 2, seed=1)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "aux.xml").write_text("<x/>")
+    tiles, files = data.load_tiles(str(tmp_path / "a"))
+    assert tiles.shape == (5, 64, 64, 3) and tiles.dtype == np.uint8
+    assert len(files) == 5
+
+
+def test_pixels_are_kept_exactly_as_uint8(tmp_path):
+    """Lesson 12: no scaling happens while loading; the graph scales once."""
+    img = rgb(3)
+    save(str(tmp_path), "t.png", img)
+    tiles, _ = data.load_tiles(str(tmp_path))
+    np.testing.assert_array_equal(tiles[0], img)
+
+
+def test_every_problem_is_reported_at_once_by_file_name(tmp_path):
+    folder = str(tmp_path)
+    save(folder, "good.png", rgb())
+    gray = save(folder, "gray.png", rgb()[:, :, 0])
+    alpha = np.dstack([rgb(), np.full((64, 64), 100, np.uint8)])
+    transparent = save(folder, "transparent.png", alpha)
+    small = save(folder, "small.png", rgb(size=32))
+    broken = os.path.join(folder, "broken.png")
+    with open(os.path.join(folder, "good.png"), "rb") as f:
+        open(broken, "wb").write(f.read()[:300])  # truncated mid-stream
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(folder)
+    message = str(err.value)
+    assert "5 files" in message or "4 of 5" in message
+    for path, why in ((gray, "grayscale"), (transparent, "transparent"),
+                      (small, "smaller than"), (broken, "cannot be read")):
+        assert path in message and why in message
+
+
+def test_grayscale_can_be_converted_on_request(tmp_path):
+    folder = str(tmp_path)
+    save(folder, "gray.png", rgb()[:, :, 0])
+    tiles, _ = data.load_tiles(folder, grayscale="convert")
+    assert tiles.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(tiles[0, :, :, 0], tiles[0, :, :, 2])
+
+
+def test_grayscale_saved_as_rgb_is_caught_too(tmp_path):
+    """Lesson 7: three equal channels is a grayscale tile in disguise."""
+    gray = rgb()[:, :, :1].repeat(3, axis=2)
+    path = save(str(tmp_path), "fake_colour.png", gray)
+    with pytest.raises(data.DataError, match="grayscale stored as RGB"):
+        data.load_tiles(str(tmp_path))
+    assert data.load_tiles(str(tmp_path), grayscale="convert")[0].shape == (1, 64, 64, 3)
+    assert path
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], np.uint16).repeat(64, 0).repeat(16, 1)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    tiles, _ = data.load_tiles(str(tmp_path), grayscale="convert")
+    assert list(tiles[0, 0, ::16, 0]) == [0, 1, 128, 255]
+
+
+def test_opaque_rgba_and_palette_become_rgb(tmp_path):
+    folder = str(tmp_path)
+    img = rgb()
+    save(folder, "opaque.png", np.dstack([img, np.full((64, 64), 255, np.uint8)]))
+    Image.fromarray(img).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+    tiles, files = data.load_tiles(folder)
+    by_name = dict(zip(map(os.path.basename, files), tiles))
+    np.testing.assert_array_equal(by_name["opaque.png"], img)
+    assert by_name["palette.png"].shape == (64, 64, 3)
+
+
+def test_larger_images_are_area_averaged(tmp_path):
+    small = rgb(5, size=64)
+    big = small.repeat(2, axis=0).repeat(2, axis=1)  # each pixel a 2x2 block
+    save(str(tmp_path), "big.png", big)
+    tiles, _ = data.load_tiles(str(tmp_path))
+    np.testing.assert_array_equal(tiles[0], small)
+
+
+def test_unreadable_files_can_be_skipped_with_a_report(tmp_path):
+    folder = str(tmp_path)
+    write_tiles(folder, 3)
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    said = []
+    tiles, files = data.load_tiles(folder, bad_files="skip", log=said.append)
+    assert len(tiles) == len(files) == 3
+    assert "skipped 2" in said[0] and "zero.png" in said[0] and "junk.jpg" in said[0]
+
+
+def test_empty_folder_missing_path_and_too_few_tiles(tmp_path):
+    with pytest.raises(data.DataError, match="no image files"):
+        data.load_tiles(str(tmp_path))
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_tiles(str(tmp_path / "nope"))
+    write_tiles(str(tmp_path), 3)
+    with pytest.raises(data.DataError, match="fewer than one batch of 8"):
+        data.load_tiles(str(tmp_path), min_count=8)
+
+
+def test_manifest_splits_are_kept_apart():
+    train = data.find_images(os.path.join(ROOT, "data"), "train")
+    holdout = data.find_images(os.path.join(ROOT, "data"), "holdout")
+    assert len(train) > 1000 and len(holdout) > 100
+    assert not set(train) & set(holdout)
+    with pytest.raises(data.DataError, match="no rows of split 'valid'"):
+        data.find_images(os.path.join(ROOT, "data"), "valid")
+
+
+def test_batches_cover_each_epoch_and_depend_only_on_seed_and_step():
+    seen = np.concatenate([data.batch_indices(s, 8, 20, seed=3) for s in range(5)])  # 2 epochs
+    assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:40]) == list(range(20))
+    np.testing.assert_array_equal(data.batch_indices(4, 8, 20, 3), data.batch_indices(4, 8, 20, 3))
+    assert not np.array_equal(data.batch_indices(0, 8, 20, 3), data.batch_indices(0, 8, 20, 4))
+
+
+def test_disk_batches_equal_memory_batches(tmp_path):
+    """Lesson 4: data.in_memory=false reads ahead in a thread and gives the same pixels."""
+    folder = write_tiles(str(tmp_path), 10)
+    tiles, files = data.load_tiles(folder)
+    in_memory = data.Batches(tiles, files, 4, 64, seed=1)
+    from_disk = data.Batches(None, files, 4, 64, seed=1)
+    try:
+        for step in (0, 1, 2, 5, 6):
+            np.testing.assert_array_equal(in_memory.get(step), from_disk.get(step))
+    finally:
+        from_disk.close()
+
+
+def test_augmentation_is_the_dihedral_group():
+    img = rgb(9, size=8)[None].repeat(400, axis=0)
+    out = data.augment(img, np.random.default_rng(0))
+    variants = {o.tobytes() for o in out}
+    assert len(variants) == 8  # 4 turns x optional flip, all reached
+    base = img[0]
+    group = [np.rot90(base, k) for k in range(4)] + [np.rot90(base, k)[:, ::-1] for k in range(4)]
+    assert variants == {g.tobytes() for g in group}
+
+
+def test_train_refuses_bad_tiles_before_writing_anything(tmp_path):
+    folder = write_tiles(str(tmp_path / "tiles"), 12)
+    save(folder, "gray.png", rgb()[:, :, 0])
+    out = tmp_path / "run"
+    proc = run_script("train.py", "--config", "configs/smoke.json", "--set", f"data.path={folder}",
+                      "--out", out)
+    assert proc.returncode == 2
+    assert "gray.png" in proc.stderr and "grayscale" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,276 @@
+"""The training script end to end, and the graph's promises (Lessons 5, 6, 9, 10, 12-15, 32-39)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import config
+import train
+from conftest import ROOT, run_script, write_tiles
+
+tf1 = tf.compat.v1
+LOG_FIELDS = {"step", "d_real_loss", "d_fake_loss", "d_reg_loss", "g_loss", "g_reg_loss", "path",
+              "d_real_acc", "d_fake_acc", "history_used", "imgs_per_s"}
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps_of(records):
+    return [r for r in records if "event" not in r]
+
+
+def weights(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+# ---------------------------------------------------------------- the run folder
+
+def test_run_folder_holds_every_promised_output(smoke_run):
+    cfg = json.load(open(os.path.join(smoke_run, "config.json")))
+    assert cfg["train"]["steps"] == 40 and cfg["model"]["image_size"] == 16  # resolved config
+
+    records = steps_of(read_log(smoke_run))
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for r in records:
+        assert LOG_FIELDS <= set(r)
+        assert r["path"] in ("A", "B") and isinstance(r["history_used"], bool)
+        assert r["d_reg_loss"] > 0 and r["g_reg_loss"] > 0  # Lesson 25: logged apart
+    assert any(r["history_used"] for r in records)  # Lesson 33
+
+    samples = sorted(os.listdir(os.path.join(smoke_run, "samples")))
+    assert samples == [f"step-{s:06d}.png" for s in (10, 20, 30, 40)]  # Lesson 10
+    from PIL import Image
+    grid = Image.open(os.path.join(smoke_run, "samples", samples[0]))
+    assert grid.size == (3 * 16 + 2 * 2, 3 * 16 + 2 * 2)  # batch 8 -> 3x3 grid with gaps
+
+    ckpt_dir = os.path.join(smoke_run, "checkpoints")
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("model-40")
+    kept = sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".index"))
+    assert kept == ["model-20.index", "model-30.index", "model-40.index"]  # keep_checkpoints=3
+    assert sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".state.npz")) == \
+        ["model-20.state.npz", "model-30.state.npz", "model-40.state.npz"]
+    assert os.path.getsize(os.path.join(smoke_run, "losses.png")) > 5000
+    assert any(n.startswith("events.out.tfevents")
+               for n in os.listdir(os.path.join(smoke_run, "tensorboard")))
+    assert not os.path.exists(os.path.join(smoke_run, "lock"))
+
+
+def test_checkpoint_holds_four_separate_adam_states_and_bn_averages(smoke_run):
+    """Lesson 32 (never share Adam state) and Lesson 23 (moving averages saved)."""
+    names = set(weights(os.path.join(smoke_run, "checkpoints", "model-40")))
+    for opt in ("adam_d_real", "adam_d_fake", "adam_d_total", "adam_g"):
+        assert any(f"/{opt}" in n or n.startswith(opt) for n in names), opt
+    assert "discriminator/down1/w/adam_d_real" in names
+    assert "discriminator/down1/w/adam_d_fake" in names
+    assert "generator/up1/w/adam_g" in names
+    assert not any(n.startswith("generator/") and "adam_d" in n for n in names)
+    assert "generator/up1_bn/moving_mean" in names
+    assert "global_step" in names
+
+
+def test_resume_continues_exactly(smoke_run, tmp_path):
+    """20 steps + --resume + 20 steps == 40 steps in one go: log values and final weights."""
+    run = tmp_path / "halves"
+    run_script("train.py", "--config", "configs/smoke.json", "--set", "train.steps=20",
+               "--out", run, check=True)
+    proc = run_script("train.py", "--resume", run, "--set", "train.steps=40", check=True)
+    assert "resumed" in proc.stdout and "step 20" in proc.stdout
+
+    whole, halves = steps_of(read_log(smoke_run)), read_log(run)
+    assert [r["event"] for r in halves if "event" in r] == ["resume"]
+    halves = steps_of(halves)
+    assert [r["step"] for r in halves] == list(range(1, 41))
+    for a, b in zip(whole, halves):
+        for key in train.LOSS_KEYS + ("d_real_acc", "d_fake_acc"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key)
+        assert (a["path"], a["history_used"]) == (b["path"], b["history_used"])
+    w_whole = weights(os.path.join(smoke_run, "checkpoints", "model-40"))
+    w_halves = weights(str(run / "checkpoints" / "model-40"))
+    assert w_whole.keys() == w_halves.keys()
+    for name in w_whole:
+        np.testing.assert_allclose(w_whole[name], w_halves[name], atol=1e-6, err_msg=name)
+    assert sorted(os.listdir(run / "samples")) == sorted(os.listdir(os.path.join(smoke_run, "samples")))
+
+
+def test_resume_from_a_missing_prefix_fails_and_names_it(smoke_run, tmp_path):
+    missing = os.path.join(smoke_run, "checkpoints", "model-999")
+    proc = run_script("train.py", "--resume", missing)
+    assert proc.returncode == 2
+    assert "model-999" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_script("train.py", "--resume", tmp_path)  # a folder without checkpoints
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_resume_refuses_an_architecture_change(smoke_run):
+    proc = run_script("train.py", "--resume", smoke_run, "--set", "model.gen_filters=64")
+    assert proc.returncode == 2
+    assert "model.gen_filters: 32 -> 64" in proc.stderr
+
+
+def test_a_new_run_refuses_a_folder_that_holds_one(smoke_run):
+    proc = run_script("train.py", "--config", "configs/smoke.json", "--out", smoke_run)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/smoke.json",
+                             "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000",
+                             "--out", str(run)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 15):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGINT" in out and f"--resume {run}" in out
+    last = steps_of(read_log(run))[-1]["step"]
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith(f"model-{last}")
+    proc = run_script("train.py", "--resume", run, "--set", f"train.steps={last + 2}", check=True)
+    assert [r["step"] for r in steps_of(read_log(run))][-3:] == [last, last + 1, last + 2]
+
+
+# ---------------------------------------------------------------- the graph, in-process
+
+def tiny_cfg(**train_values):
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
+    for key, value in train_values.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def built(cfg):
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(0)
+        g = train.build_graph(cfg)
+    sess = tf1.Session(graph=graph)
+    sess.run(g["init_op"])
+    graph.finalize()
+    return graph, g, sess
+
+
+class RecordingSession:
+    """Delegates to a Session and remembers what each run fetched."""
+
+    def __init__(self, sess):
+        self.sess, self.fetched = sess, []
+
+    def run(self, fetches, feed_dict=None):
+        flat = list(fetches.values()) if isinstance(fetches, dict) else \
+            list(fetches) if isinstance(fetches, (list, tuple)) else [fetches]
+        self.fetched.append({getattr(f, "name", str(f)) for f in flat})
+        return self.sess.run(fetches, feed_dict)
+
+
+def batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    S, B = cfg.model.image_size, cfg.train.batch_size
+    reals = rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8)
+    z = rng.uniform(-1, 1, (B, cfg.model.z_dim)).astype(np.float32)
+    return reals, z
+
+
+def test_graph_is_finalized_and_its_op_count_constant():
+    """Lesson 14: the loop creates no op."""
+    cfg = tiny_cfg()
+    graph, g, sess = built(cfg)
+    before = len(graph.get_operations())
+    for step in range(3):
+        train.train_step(sess, g, *batch(cfg, step), None, False)
+    assert graph.finalized and len(graph.get_operations()) == before
+
+
+def test_optimisers_and_losses_never_share_a_run():
+    """Lesson 15; Lesson 39: path A = two D runs, path B = one; then G twice."""
+    cfg = tiny_cfg()
+    graph, g, sess = built(cfg)
+    rec = RecordingSession(sess)
+    train_ops = {g[k].name for k in ("d_real_op", "d_fake_op", "d_total_op", "g_op")}
+    loss_names = {g[k].name for k in train.LOSS_KEYS}
+    record, _ = train.train_step(rec, g, *batch(cfg), None, False)
+    for fetched in rec.fetched:
+        assert not (fetched & train_ops and fetched & loss_names)
+    ops = [f & train_ops for f in rec.fetched if f & train_ops]
+    d_runs = [{g["d_real_op"].name}, {g["d_fake_op"].name}] if record["path"] == "A" \
+        else [{g["d_total_op"].name}]
+    assert ops == d_runs + [{g["g_op"].name}] * 2
+    assert rec.fetched[-1] >= loss_names  # losses come last, after every update
+
+
+def test_reals_are_scaled_exactly_once_to_minus_one_one():
+    """Lessons 8, 12, 29: uint8 0..255 fed, -1..+1 inside the graph."""
+    cfg = tiny_cfg()
+    graph, g, sess = built(cfg)
+    reals, _ = batch(cfg)
+    reals[0], reals[1] = 0, 255
+    fed = sess.run(g["reals_in"], {g["reals_u8_in"]: reals})
+    assert fed[0].min() == -1.0 and fed[1].max() == 1.0
+    np.testing.assert_allclose(fed, reals / 127.5 - 1.0, atol=1e-6)
+
+
+def test_history_images_reach_d_in_the_real_paths_range():
+    """Lessons 34-35: cached uint8 fakes replace part of the fake half, converted like reals."""
+    cfg = tiny_cfg()
+    graph, g, sess = built(cfg)
+    reals, z = batch(cfg)
+    B = cfg.train.batch_size
+    history = np.full((B, 16, 16, 3), 255, np.uint8)
+    mask = np.zeros(B, np.float32)
+    mask[:3] = 1.0
+    d_input = graph.get_tensor_by_name("concat:0")  # [2B, S, S, 3]: reals then fakes
+    seen = sess.run(d_input, {g["reals_u8_in"]: reals, g["z_in"]: z,
+                              g["history_u8_in"]: history, g["history_mask_in"]: mask})
+    assert np.all(seen[B:B + 3] == 1.0)  # 255 -> +1, exactly like a real white pixel
+    assert not np.any(seen[B + 3:] == 1.0)
+
+
+def test_regulariser_is_part_of_what_the_optimisers_minimise():
+    """Lesson 24: a strong L2 term shrinks the generator's weights."""
+    def g_weight_norm(reg_scale):
+        cfg = tiny_cfg(lr_gen=0.01)
+        cfg.model.reg_scale = reg_scale
+        graph, g, sess = built(cfg)
+        reals, z = batch(cfg)
+        kernels = [v for v in graph.get_collection("trainable_variables")
+                   if v.op.name.startswith("generator/") and v.op.name.endswith("/w")]
+        for _ in range(10):
+            sess.run(g["g_op"], {g["reals_u8_in"]: reals, g["z_in"]: z})
+        return sum(float((w ** 2).sum()) for w in sess.run(kernels))
+    assert g_weight_norm(10.0) < 0.7 * g_weight_norm(0.0)
+
+
+def test_thread_limits_come_from_the_config():
+    cfg = tiny_cfg()
+    cfg.run.threads = 0
+    assert train.session_config(cfg).intra_op_parallelism_threads == config.default_threads()
+    cfg.run.threads = 1
+    assert train.session_config(cfg).intra_op_parallelism_threads == 1
+
+
+def test_path_b_and_a_both_train_d(tmp_path):
+    """Both D paths move D's weights; the measured accuracies pick the path (Lesson 39)."""
+    cfg = tiny_cfg()
+    graph, g, sess = built(cfg)
+    d_kernel = [v for v in graph.get_collection("trainable_variables")
+                if v.op.name == "discriminator/down1/w"][0]
+    reals, z = batch(cfg)
+    before = sess.run(d_kernel)
+    record, fakes = train.train_step(sess, g, reals, z, None, False)
+    assert not np.allclose(before, sess.run(d_kernel))
+    assert record["path"] == train.choose_path(record["d_real_acc"], record["d_fake_acc"])
+    assert fakes.shape == (cfg.train.batch_size, 16, 16, 3)
