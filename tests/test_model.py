@@ -142,3 +142,18 @@ def test_extra_layers_count(extra):
     assert fakes.shape.as_list() == [8, 16, 16, 3]
     gen, disc = _layer_filters(graph, "generator"), _layer_filters(graph, "discriminator")
     assert len(gen) == len(disc) == 1 + 2 + extra
+
+
+def _op_types(graph, scope):
+    return {op.type for op in graph.get_operations() if op.name.startswith(scope + "/")
+            and "gradients" not in op.name}
+
+
+def test_leaky_relu_in_d_and_optionally_in_g():
+    """Lesson 22."""
+    graph, *_ = build(**TINY)
+    assert "LeakyRelu" in _op_types(graph, "discriminator")
+    assert "Relu" in _op_types(graph, "generator")
+    assert "LeakyRelu" not in _op_types(graph, "generator")
+    graph, *_ = build(gen_leaky=True, **TINY)
+    assert "LeakyRelu" in _op_types(graph, "generator") and "Relu" not in _op_types(graph, "generator")

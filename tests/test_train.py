@@ -99,7 +99,11 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
     assert w_whole.keys() == w_halves.keys()
     for name in w_whole:
         np.testing.assert_allclose(w_whole[name], w_halves[name], atol=1e-6, err_msg=name)
-    assert sorted(os.listdir(run / "samples")) == sorted(os.listdir(os.path.join(smoke_run, "samples")))
+    # Lesson 10: the sample noise is fixed for the run and kept across the resume.
+    for name in ("step-000010.png", "step-000040.png"):
+        with open(run / "samples" / name, "rb") as a, \
+                open(os.path.join(smoke_run, "samples", name), "rb") as b:
+            assert a.read() == b.read(), name
 
 
 def test_resume_from_a_missing_prefix_fails_and_names_it(smoke_run, tmp_path):
@@ -262,8 +266,8 @@ def test_thread_limits_come_from_the_config():
     assert train.session_config(cfg).intra_op_parallelism_threads == 1
 
 
-def test_path_b_and_a_both_train_d(tmp_path):
-    """Both D paths move D's weights; the measured accuracies pick the path (Lesson 39)."""
+def test_d_step_trains_d_on_the_generated_batch_it_returns():
+    """Lesson 34: the fakes handed to the history cache are the batch D was trained on."""
     cfg = tiny_cfg()
     graph, g, sess = built(cfg)
     d_kernel = [v for v in graph.get_collection("trainable_variables")
@@ -274,3 +278,18 @@ def test_path_b_and_a_both_train_d(tmp_path):
     assert not np.allclose(before, sess.run(d_kernel))
     assert record["path"] == train.choose_path(record["d_real_acc"], record["d_fake_acc"])
     assert fakes.shape == (cfg.train.batch_size, 16, 16, 3)
+    # The same z through the weights of before the G updates: a fresh graph would differ.
+    assert np.abs(fakes).max() <= 1.0 and not np.allclose(fakes, sess.run(
+        g["fakes_out"], {g["reals_u8_in"]: reals, g["z_in"]: z}))
+    cached = train.to_u8(fakes[0])
+    assert cached.dtype == np.uint8 and cached.shape == (16, 16, 3)  # Lesson 35
+
+
+def test_d_sees_reals_and_fakes_in_one_call():
+    """Lesson 38: one discriminator forward pass on one mixed batch."""
+    cfg = tiny_cfg()
+    graph, g, sess = built(cfg)
+    first_convs = [op for op in graph.get_operations() if op.type == "Conv2D"
+                   and op.name.startswith("discriminator/") and "gradients" not in op.name]
+    assert len(first_convs) == 3  # one per layer: same1, down2, down1
+    assert first_convs[0].inputs[0].shape.as_list()[0] == 2 * cfg.train.batch_size
