@@ -1,5 +1,7 @@
 """Loading tiles: every file checked at start-up, problems named, pixels exact (Lessons 4, 7, 13)."""
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -80,6 +82,30 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
     tiles, _ = data.load_tiles(str(tmp_path), grayscale="convert")
     assert list(tiles[0, 0, ::16, 0]) == [0, 1, 128, 255]
+
+
+def write_png16_rgb(path, rgb16):
+    """A 48-bit RGB PNG written by hand (Pillow cannot write one)."""
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_rgb_is_scaled_not_clipped(tmp_path):
+    levels = np.array([0, 257, 32896, 65535], np.uint16).repeat(16)  # 64 columns
+    rgb16 = np.stack([levels, levels[::-1], np.full(64, 32896, np.uint16)], -1)[None].repeat(64, 0)
+    write_png16_rgb(tmp_path / "rgb16.png", rgb16)
+    tiles, _ = data.load_tiles(str(tmp_path))
+    assert list(tiles[0, 0, ::16, 0]) == [0, 1, 128, 255]
+    assert list(tiles[0, 0, ::16, 1]) == [255, 128, 1, 0]
+    assert np.all(tiles[0, :, :, 2] == 128)
 
 
 def test_opaque_rgba_and_palette_become_rgb(tmp_path):
