@@ -1,0 +1,108 @@
+"""evaluate.py as a user runs it: on a checkpoint, on a folder of fakes, and when given bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import evaluate
+from conftest import ROOT, run_script
+
+SAMPLE = os.path.join(ROOT, "data")
+
+
+def test_checkpoint_against_holdout_writes_every_number(smoke_run, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_script("evaluate.py", "--real", "data:holdout", "--checkpoint", smoke_run,
+                      "-n", 64, "--seed", 3, "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["n"] == 64 and r["seed"] == 3 and r["checkpoint_step"] == 40
+    assert r["image_size"] == 16  # the smoke model's size; reals were area-averaged to it
+    assert any("area-averaged to 16x16" in note for note in r["notes"])
+    assert set(r["swd_x1e3"]) == set(r["swd_real_baseline_x1e3"]) == {"16", "avg"}
+    assert r["swd_set_size"] == 32  # fakes and baseline both compare halves of 32
+    # The training set comes from the run's config; its manifest's holdout split is found.
+    assert r["train"] == "data (split train)" and r["holdout"] == "data (split holdout)"
+    for key in ("ms_ssim_fake", "ms_ssim_real", "nn_fake_to_train", "nn_holdout_to_train",
+                "nn_fake_closer_than_holdout", "c2st_acc"):
+        assert isinstance(r[key], float), key
+    assert len(r["color_stats"]["w1"]) == 3
+    assert {"generate", "swd", "ms_ssim", "nn", "c2st", "total"} <= set(r["timings"])
+    assert "SWD x1e3" in proc.stdout and "baseline" in proc.stdout
+
+
+def test_copies_of_training_tiles_are_reported_as_memorised(tmp_path, capsys):
+    # 16x16 like the smoke model, for speed: evaluate.py shrinks the 64x64 training tiles the same way.
+    tiles, _ = data.load_tiles(SAMPLE, "train", 16, log=lambda *a: None)
+    rng = np.random.default_rng(0)
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    for i, tile in enumerate(data.augment(tiles[rng.choice(len(tiles), 40, replace=False)], rng)):
+        Image.fromarray(tile).save(fakes / f"fake-{i:03d}.png")  # turned and flipped copies
+    out = tmp_path / "eval.json"
+    assert evaluate.cli(["--real", f"{SAMPLE}:holdout", "--fake", str(fakes), "--train", SAMPLE,
+                         "-n", "40", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 40 and "checkpoint_step" not in r
+    assert r["nn_fake_to_train"] == 0.0 and r["nn_holdout_to_train"] > 1.0
+    assert r["nn_fake_closer_than_holdout"] > 0.99
+    assert "NN L2 to train" in capsys.readouterr().out
+
+
+def test_fewer_reals_than_n_uses_them_all_and_says_so(tmp_path, capsys):
+    reals = tmp_path / "reals"
+    fakes = tmp_path / "fakes"
+    for folder, seed in ((reals, 0), (fakes, 1)):
+        folder.mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "eval.json"
+    assert evaluate.cli(["--real", str(reals), "--fake", str(fakes), "-n", "20",
+                         "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 12 and r["n_requested"] == 20
+    assert any("only 12 images" in note for note in r["notes"])
+    assert any("nearest-neighbour check skipped" in note for note in r["notes"])
+    assert "nn_fake_to_train" not in r
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--real", "no/such/folder", "--fake", SAMPLE], "does not exist"),
+    (["--real", SAMPLE, "--checkpoint", ROOT + "/configs"], "no checkpoint found"),
+    (["--real", SAMPLE + "/holdout:train", "--fake", SAMPLE], "plain folder"),
+    (["--real", SAMPLE + ":nosuchsplit", "--fake", SAMPLE], "no rows of split 'nosuchsplit'"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
+    assert evaluate.cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_set_syntax():
+    assert evaluate.parse_set("data:holdout") == ("data", "holdout")
+    assert evaluate.parse_set("data/manifest.csv:train") == ("data/manifest.csv", "train")
+    assert evaluate.parse_set("data:all") == ("data", "")  # every manifest row
+    assert evaluate.parse_set(SAMPLE) == (SAMPLE, None)
+
+
+@pytest.mark.slow
+def test_2048_images_per_set_take_under_two_minutes(tmp_path):
+    """The speed promise of --help: -n 2048 at 64x64 on a 2-core CPU (generation aside)."""
+    tiles, _ = data.load_tiles(SAMPLE, "", 64, log=lambda *a: None)
+    rng = np.random.default_rng(0)
+    for name in ("reals", "fakes"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, tile in enumerate(data.augment(tiles[rng.integers(0, len(tiles), 2048)], rng)):
+            Image.fromarray(tile).save(folder / f"{i:04d}.png")
+    out = tmp_path / "eval.json"
+    proc = run_script("evaluate.py", "--real", tmp_path / "reals", "--fake", tmp_path / "fakes",
+                      "--train", "data", "-n", 2048, "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["n"] == 2048 and r["timings"]["total"] < 120, r["timings"]
