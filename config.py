@@ -5,6 +5,7 @@ offending key; nothing else in the project parses configuration.
 """
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -60,6 +61,8 @@ class TrainConfig:
 class RunConfig:
     threads: int = 0               # intra-op threads; 0 = all cores below 4, else cores - 1
     inter_op_threads: int = 1      # independent ops run at once
+    mixed_precision: str = "none"  # "none" (float32), "bf16" (CPU oneDNN rewrite), "fp16" (GPU, loss scaling)
+    xla: bool = False              # XLA JIT compilation of the graph (for GPUs)
 
 
 @dataclass
@@ -77,45 +80,51 @@ CHOICES = {
     "data.grayscale": ("error", "convert"),
     "data.bad_files": ("error", "skip"),
     "model.z_dist": ("uniform", "normal"),
+    "run.mixed_precision": ("none", "bf16", "fp16"),
 }
 
-# Keys that change the shape or meaning of the checkpointed graph.
+# Keys that change the shape or meaning of the checkpointed graph, or of the
+# history cache kept beside it: a resume must keep the run's values.
 ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
                      "model.gen_filters", "model.disc_filters", "model.extra_layers",
-                     "model.gen_leaky", "train.batch_size")
+                     "model.gen_leaky", "train.batch_size", "train.history_size")
 
 
 def _section(cfg, name, key):
     if name not in {f.name for f in dataclasses.fields(cfg)}:
-        raise ConfigError(f"unknown config section '{name}' in '{key}'; "
+        raise ConfigError(f"unknown config section {name!r} in {key!r}; "
                           f"sections are: {', '.join(f.name for f in dataclasses.fields(cfg))}")
     return getattr(cfg, name)
 
 
-def _typed(key, value, kind):
-    """`value` as the field's type, from JSON or from a --set string."""
-    if isinstance(value, str) and kind is not str:
+def _typed(key, value, kind, from_text=False):
+    """`value` as the field's type: a JSON value as it is, a --set string parsed."""
+    if from_text and kind is not str:
         text = value.strip()
         try:
             value = json.loads(text.lower() if kind is bool else text)
-        except json.JSONDecodeError:
-            raise ConfigError(f"config key '{key}' expects {kind.__name__}, got '{text}'") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {text!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}' expects a float, got an integer too large "
+                              f"for one") from None
     if type(value) is not kind:
         raise ConfigError(f"config key '{key}' expects {kind.__name__}, "
                           f"got {type(value).__name__} {value!r}")
     return value
 
 
-def _set(cfg, key, value):
+def _set(cfg, key, value, from_text=False):
     section_name, _, name = key.partition(".")
     section = _section(cfg, section_name, key)
     kinds = {f.name: f.type for f in dataclasses.fields(section)}
     if name not in kinds:
-        raise ConfigError(f"unknown config key '{key}'; keys of '{section_name}' are: "
+        raise ConfigError(f"unknown config key {key!r}; keys of '{section_name}' are: "
                           f"{', '.join(kinds)}")
-    setattr(section, name, _typed(key, value, kinds[name]))
+    setattr(section, name, _typed(key, value, kinds[name], from_text))
 
 
 def validate(cfg):
@@ -133,9 +142,15 @@ def validate(cfg):
                 "train.checkpoint_every": t.checkpoint_every,
                 "train.keep_checkpoints": t.keep_checkpoints,
                 "train.history_size": t.history_size, "run.inter_op_threads": r.inter_op_threads}
+    for key, value in flat(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key in ("model.extra_layers", "model.reg_scale", "train.seed", "run.threads"):
+        if get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
     size = m.image_size
     if size < 8 or size & (size - 1):
         raise ConfigError(f"config key 'model.image_size' must be a power of two >= 8, got {size}")
@@ -143,14 +158,12 @@ def validate(cfg):
     for key in ("model.gen_filters", "model.disc_filters"):
         if get(cfg, key) % 2 ** levels:
             raise ConfigError(f"config key '{key}' must be divisible by {2 ** levels} "
-                              f"(it is halved {levels} times), got {get(cfg, key)}")
+                              f"(it is halved {levels} times up to model.image_size {size}), "
+                              f"got {get(cfg, key)}")
     for key in ("train.history_prob", "train.history_fraction", "train.beta1",
                 "model.bn_momentum"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within 0..1, got {get(cfg, key)}")
-    if m.extra_layers < 0 or r.threads < 0 or t.seed < 0 or m.reg_scale < 0:
-        raise ConfigError("config keys 'model.extra_layers', 'run.threads', 'train.seed' and "
-                          "'model.reg_scale' must be >= 0")
     if not d.path:
         raise ConfigError("config key 'data.path' is empty: give the folder of training tiles")
 
@@ -167,8 +180,9 @@ def from_dict(raw, where="config"):
     for section_name, values in raw.items():
         if section_name.startswith("_"):
             continue  # "_comment" and the like
+        _section(cfg, section_name, where)
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: section '{section_name}' must be a JSON object")
+            raise ConfigError(f"{where}: section {section_name!r} must be a JSON object")
         for name, value in values.items():
             _set(cfg, f"{section_name}.{name}", value)
     return cfg
@@ -178,11 +192,21 @@ def read_json(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist; "
                           f"pick one of configs/*.json or give a path to your own")
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            return json.load(f, object_pairs_hook=_no_repeats)
+        except ConfigError as e:
+            raise ConfigError(f"config file '{path}': {e}") from None
+        except (ValueError, RecursionError) as e:  # also a file that is not UTF-8 text
             raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+
+
+def _no_repeats(pairs):
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{name!r} is given twice in one object; keep one")
+    return dict(pairs)
 
 
 def load(path=None, overrides=(), base=None):
@@ -193,7 +217,7 @@ def load(path=None, overrides=(), base=None):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
-        _set(cfg, key.strip(), value)
+        _set(cfg, key.strip(), value, from_text=True)
     validate(cfg)
     return cfg
 

@@ -6,11 +6,25 @@ A run folder holds
   checkpoints/model-N.*   tf.compat.v1.train.Saver files for step N
   checkpoints/model-N.state.npz   what is not a TF variable: history cache, sample noise
   samples/step-N.png, tensorboard/, losses.png
-No TensorFlow graph code here; the `tf.train` checkpoint lookups are used
-only to find files.
+  lock                    held by the training process that writes the folder
+No TensorFlow graph code here; the `tf.train` checkpoint functions are used
+only to read checkpoint files and to rewrite TF's `checkpoint` index file.
+
+What a kill -9 can leave behind, and why it never reaches a resume: the
+sidecar is written first, under a temporary name then renamed; the Saver
+writes the data file and then the index file the same way, then rewrites
+TF's `checkpoint` file (also by rename), then deletes the oldest checkpoint
+(index first). So a checkpoint whose index, data and sidecar are all there
+is complete; anything else is a leftover, found by `checkpoint_problem` and
+deleted by `remove_leftovers`.
 """
+import fcntl
+import glob
 import json
 import os
+import re
+import shutil
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -24,25 +38,89 @@ class RunError(RuntimeError):
 
 CHECKPOINTS = "checkpoints"
 SIDECAR = ".state.npz"
+LOCK = "lock"
+INDEX_NAME = re.compile(r"model-(\d+)\.index$")
+# Files of step N apart from its index: the sidecar and the data shards.
+PART_NAME = re.compile(r"(model-\d+)(\.state\.npz|\.data-\d+-of-\d+)$")
 
 
 # ---------------------------------------------------------------- finding checkpoints
 
+def checkpoint_problem(prefix):
+    """Why checkpoint `prefix` cannot be resumed from, or None when it is complete.
+
+    Complete: the index reads, every data shard it needs is on disk and as long
+    as the tensors the index lists, and the sidecar reads.
+    """
+    if not os.path.isfile(prefix + ".index"):
+        return "no index file"
+    shards = glob.glob(glob.escape(prefix) + ".data-*-of-*")
+    counts = {int(s.rsplit("-of-", 1)[1]) for s in shards}
+    if len(counts) != 1 or len(shards) != counts.pop():
+        return "data files missing"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    except (tf.errors.OpError, ValueError) as e:
+        return f"index unreadable ({str(e).splitlines()[0]})"
+    needed = sum(int(np.prod(shapes[k])) * dtypes[k].size for k in shapes
+                 if dtypes[k] != tf.string)
+    if sum(os.path.getsize(s) for s in shards) < needed:
+        return "data file shorter than its index says"
+    try:
+        if "sample_z" not in load_sidecar(prefix):
+            return f"state file {prefix + SIDECAR} lacks the sample noise"
+    except RunError:
+        return f"no state file {prefix + SIDECAR}"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return f"state file {prefix + SIDECAR} unreadable"
+    return None
+
+
+def checkpoint_steps(ckpt_dir):
+    """{step: prefix} of every checkpoint index in `ckpt_dir`, complete or not."""
+    if not os.path.isdir(ckpt_dir):
+        return {}
+    found = (INDEX_NAME.match(name) for name in os.listdir(ckpt_dir)
+             if os.path.isfile(os.path.join(ckpt_dir, name)))
+    return {int(m.group(1)): os.path.join(ckpt_dir, f"model-{m.group(1)}") for m in found if m}
+
+
+def newest_checkpoint(ckpt_dir):
+    """Prefix of the complete checkpoint of the highest step in `ckpt_dir`, or None.
+
+    Found by scanning the index files, not by TF's `checkpoint` file, which a
+    kill between a save and its update leaves one checkpoint behind.
+    """
+    for step, prefix in sorted(checkpoint_steps(ckpt_dir).items(), reverse=True):
+        if checkpoint_problem(prefix) is None:
+            return prefix
+    return None
+
+
 def resolve_checkpoint(arg):
-    """(prefix, run_dir) for a checkpoint prefix or a run folder (its newest checkpoint)."""
+    """(prefix, run_dir) for a checkpoint prefix or a run folder (its newest complete one)."""
     if os.path.isdir(arg):
         ckpt_dir = os.path.join(arg, CHECKPOINTS)
         if not os.path.isdir(ckpt_dir):
             ckpt_dir = arg
-        prefix = tf.train.latest_checkpoint(ckpt_dir)
-        if prefix is None or not os.path.exists(prefix + ".index"):
-            raise RunError(f"no checkpoint found in '{arg}'; give a run folder that has "
-                           f"checkpoints/model-N.index files, or a prefix like RUN/checkpoints/model-500")
+        prefix = newest_checkpoint(ckpt_dir)
+        if prefix is None:
+            hint = (f"; it stopped before its first checkpoint: start it again with "
+                    f"--config {os.path.join(arg, 'config.json')} --out {arg}"
+                    if os.path.isfile(os.path.join(arg, "config.json")) else "")
+            raise RunError(f"no checkpoint found in '{arg}'{hint}; give a run folder that has "
+                           f"complete checkpoints/model-N files, or a prefix like "
+                           f"RUN/checkpoints/model-500")
     else:
         prefix = arg[:-len(".index")] if arg.endswith(".index") else arg
-        if not os.path.exists(prefix + ".index"):
+        problem = checkpoint_problem(prefix)
+        if problem == "no index file":
             raise RunError(f"checkpoint '{arg}' does not exist (no '{prefix}.index'); "
                            f"give a prefix like RUN/checkpoints/model-500 or a run folder")
+        if problem:
+            raise RunError(f"checkpoint '{arg}' is incomplete ({problem}); give the run folder "
+                           f"to use its newest complete checkpoint")
     ckpt_dir = os.path.dirname(os.path.abspath(prefix))
     run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == CHECKPOINTS else ckpt_dir
     return prefix, run_dir
@@ -60,6 +138,56 @@ def read_run_config(run_dir):
         raise RunError(f"'{run_dir}' has no config.json, so the model it trained is unknown; "
                        f"point at the run folder train.py wrote")
     return config_lib.load(base=config_lib.read_json(path))
+
+
+# ---------------------------------------------------------------- keeping the folder tidy
+
+def remove_leftovers(ckpt_dir):
+    """Delete what interrupted or failed saves left: temporary files, and sidecars or
+    data files whose index is missing. Only the process holding the lock calls this."""
+    for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        part = PART_NAME.match(name)
+        temporary = (".tempstate" in name or name.endswith(".tmp")
+                     or name.startswith("checkpoint.tmp"))
+        orphan = part and not os.path.isfile(os.path.join(ckpt_dir, part.group(1) + ".index"))
+        if (temporary or orphan) and os.path.isfile(path):
+            os.remove(path)
+
+
+def adopt_checkpoints(ckpt_dir, step, keep):
+    """Ready `ckpt_dir` for a run resumed at `step`; returns the prefixes retention
+    manages from now on (the newest `keep`), oldest first.
+
+    Checkpoints after `step` exist when a run is resumed from an older one of its
+    checkpoints: they belong to the abandoned continuation, so they move to
+    `after-step-N/` (kept, but no longer found by a resume). Older ones beyond
+    `keep` are deleted, as retention would have done had a kill not come first
+    (the Saver deletes one per save, so it would never catch up). TF's
+    `checkpoint` file is rewritten to name the step resumed from.
+    """
+    remove_leftovers(ckpt_dir)
+    steps = checkpoint_steps(ckpt_dir)
+    later = [s for s in steps if s > step]
+    if later:
+        aside = os.path.join(ckpt_dir, f"after-step-{step}")
+        os.makedirs(aside, exist_ok=True)
+        for s in later:  # the index last: a kill midway leaves an incomplete checkpoint here
+            for path in sorted(glob.glob(glob.escape(steps[s]) + ".*"),
+                               key=lambda p: p.endswith(".index")):
+                shutil.move(path, os.path.join(aside, os.path.basename(path)))
+        names = ", ".join(f"model-{s}" for s in sorted(later))
+        print(f"moved the checkpoints after step {step} ({names}) to {aside}: "
+              f"the run continues from step {step}")
+    kept = [steps[s] for s in sorted(steps) if s <= step and checkpoint_problem(steps[s]) is None]
+    for prefix in kept[:-keep]:
+        os.remove(prefix + ".index")  # first: a kill from here on leaves only leftovers
+        for path in glob.glob(glob.escape(prefix) + ".*"):
+            os.remove(path)
+    kept = kept[-keep:]
+    if kept:
+        tf.compat.v1.train.update_checkpoint_state(ckpt_dir, kept[-1], kept)
+    return kept
 
 
 # ---------------------------------------------------------------- sidecar state
@@ -83,33 +211,27 @@ def load_sidecar(prefix):
         return {k: f[k] for k in f.files}
 
 
-def remove_orphan_sidecars(ckpt_dir):
-    """Drop the sidecars of checkpoints that retention has deleted."""
-    for name in os.listdir(ckpt_dir):
-        if name.endswith(SIDECAR):
-            prefix = os.path.join(ckpt_dir, name[:-len(SIDECAR)])
-            if not os.path.exists(prefix + ".index"):
-                os.remove(prefix + SIDECAR)
-
-
 # ---------------------------------------------------------------- the log
 
 def read_log(path):
-    """Records of log.jsonl; a torn last line (a kill mid-write) is left out."""
+    """Records of log.jsonl; a line torn by a kill mid-write is left out."""
     records = []
     if not os.path.isfile(path):
         return records
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                break
+                continue
     return records
 
 
 def truncate_log(path, step):
-    """Keep the records up to `step`, so steps redone after a resume appear once."""
+    """Keep the records up to `step`, so steps redone after a resume appear once.
+
+    The file is rewritten whole (a torn last line goes); returns the kept records.
+    """
     kept = [r for r in read_log(path) if r.get("step", 0) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -133,33 +255,95 @@ class Log:
 
 
 # ---------------------------------------------------------------- the lock
+#
+# The lock is an flock on run_dir/lock: the kernel drops it when its process
+# dies, however it dies, so a lock left by a kill -9 (or by a killed process
+# not yet reaped, a zombie) is free, and a reused PID does not matter. The file
+# also holds the PID and start time of its holder, for messages, and to judge
+# the holder on file systems without flock.
 
 def acquire_lock(run_dir):
-    """Refuse a folder that a live training process writes; take over a stale lock."""
-    path = os.path.join(run_dir, "lock")
+    """Lock `run_dir` for this process; refuse one a live training process holds."""
+    path = os.path.join(run_dir, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = _holder(fd)
+        if not _lock(fd, holder):
+            os.close(fd)
+            raise _locked_error(run_dir, path, holder)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file in between: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {_start_time(os.getpid())}\n".encode())
+    if holder[0] and holder[0] != os.getpid():
+        print(f"took over the stale lock of process {holder[0]}, which stopped without "
+              f"releasing it")
+    return fd, path
+
+
+def check_unlocked(run_dir):
+    """Raise RunError now if a live training process holds `run_dir`."""
+    path = os.path.join(run_dir, LOCK)
     try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        pid = 0
-    if pid and pid != os.getpid() and _alive(pid):
-        raise RunError(f"'{run_dir}' is being written by another training process "
-                       f"(pid {pid}, see {path}); wait for it or choose another --out")
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
-    return path
-
-
-def release_lock(path):
-    if path and os.path.exists(path):
-        os.remove(path)
-
-
-def _alive(pid):
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        holder = _holder(fd)
+        if not _lock(fd, holder):
+            raise _locked_error(run_dir, path, holder)
+    finally:
+        os.close(fd)  # closing drops the flock taken to test it
+
+
+def release_lock(lock):
+    if lock:
+        fd, path = lock
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                os.remove(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _lock(fd, holder):
+    """True when this process now holds the lock on `fd`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except BlockingIOError:
+        return False
+    except OSError:  # no flock on this file system: judge the recorded holder
+        pid, started = holder
+        return not pid or pid == os.getpid() or _start_time(pid) != started
+
+
+def _holder(fd):
+    """(pid, start time) written in a lock file, or (0, None)."""
+    try:
+        pid, started = os.pread(fd, 100, 0).decode().split()
+        return int(pid), int(started)
+    except (ValueError, UnicodeDecodeError):
+        return 0, None
+
+
+def _start_time(pid):
+    """Start time of process `pid` in clock ticks after boot; None when it is not
+    running: gone, or a zombie (killed, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # fields from the 3rd on
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _locked_error(run_dir, path, holder):
+    who = f"pid {holder[0]}" if holder[0] else "another process"
+    return RunError(f"'{run_dir}' is being written by another training process ({who}, "
+                    f"see {path}); wait for it to finish or stop it, or choose another --out")

@@ -9,6 +9,7 @@ updates D along path A or B, updates G twice, then fetches the losses in a
 run of their own (Lessons 15, 39).
 """
 import argparse
+import gc
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import rewriter_config_pb2
 
 import config as config_lib
 import data
@@ -109,9 +111,13 @@ def build_graph(cfg):
     updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
 
     def adam(name, lr, loss, var_list, scope):
+        optimiser = tf1.train.AdamOptimizer(lr, beta1=t.beta1, name=name)
+        if cfg.run.mixed_precision == "fp16":
+            # float16 gradients underflow: scale the loss up, the gradients back down,
+            # and skip a step whose gradients overflowed (the scale then shrinks).
+            optimiser = tf1.mixed_precision.MixedPrecisionLossScaleOptimizer(optimiser, "dynamic")
         with tf.control_dependencies([u for u in updates if u.name.startswith(scope + "/")]):
-            return tf1.train.AdamOptimizer(lr, beta1=t.beta1, name=name).minimize(
-                loss, var_list=var_list, name=name + "_op")
+            return optimiser.minimize(loss, var_list=var_list, name=name + "_op")
 
     d_reg, g_reg = g["d_reg_loss"], g["g_reg_loss"]
     g["d_real_op"] = adam("adam_d_real", t.lr_disc, g["d_real_loss"] + d_reg, d_vars, model.DISC_SCOPE)
@@ -130,8 +136,27 @@ def build_graph(cfg):
 
 # ---------------------------------------------------------------- one step
 
-def train_step(sess, g, reals_u8, z, history_u8, history_used):
-    """One training step on one batch; returns the record to log (without timing)."""
+def run_step(sess, g, cfg, batches, cache, step, force_path=None):
+    """Step `step` (1-based): draw its batch, train on it, feed the history cache."""
+    t, m = cfg.train, cfg.model
+    rng = np.random.default_rng([t.seed, step])  # every draw of a step, by seed and step
+    reals = batches.get(step - 1)
+    if cfg.data.augment:
+        reals = data.augment(reals, rng)
+    z = sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist)
+    n_history = history_count(t.batch_size, t.history_fraction)
+    history_used = use_history(rng.random(), t.history_prob, len(cache), n_history)
+    history = cache.sample(n_history) if history_used else None
+    record, fakes = train_step(sess, g, reals, z, history, history_used, force_path)
+    cache.add(to_u8(fakes[0]))  # Lesson 34: from the generated batch, stored as uint8
+    return record
+
+
+def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None):
+    """One training step on one batch; returns (record to log, the generated batch).
+
+    `force_path` is for the benchmark, which times paths A and B apart.
+    """
     feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z}
     if history_used:
         mask = np.zeros(len(z), np.float32)
@@ -144,7 +169,7 @@ def train_step(sess, g, reals_u8, z, history_u8, history_used):
     # are kept and fed back to the D updates, which need no second G pass.
     fakes, real_acc, fake_acc = sess.run(
         [g["fakes_out"], g["d_real_acc"], g["d_fake_acc"]], feed)
-    path = choose_path(real_acc, fake_acc)
+    path = force_path or choose_path(real_acc, fake_acc)
     d_feed = {**feed, g["fakes_out"]: fakes}
 
     # Update D: maximize log(D(x)) + log(1 - D(G(z))), its halves apart on path A.
@@ -212,6 +237,7 @@ def plot_losses(records, path):
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
+    gc.collect()  # a figure is reference cycles: free it now, not at a rare full collection
     os.replace(path + ".tmp.png", path)
 
 
@@ -235,6 +261,7 @@ def open_run(args):
     """(cfg, run_dir, prefix or None, changed safe keys) after every check that can fail early."""
     if args.resume:
         prefix, run_dir = runs.resolve_checkpoint(args.resume)
+        runs.check_unlocked(run_dir)
         if args.out and os.path.abspath(args.out) != os.path.abspath(run_dir):
             raise runs.RunError(f"--resume continues in its own folder '{run_dir}'; drop --out")
         saved = runs.read_run_config(run_dir)
@@ -243,7 +270,7 @@ def open_run(args):
         arch = config_lib.differences(saved, cfg, config_lib.ARCHITECTURE_KEYS)
         if arch:
             raise runs.RunError(
-                f"cannot resume '{prefix}': the config changes its architecture ("
+                f"cannot resume '{prefix}': the config changes what the checkpoint holds ("
                 + ", ".join(f"{k}: {config_lib.get(saved, k)} -> {config_lib.get(cfg, k)}"
                             for k in arch) + "); resume with the run's own values")
         changed = {k: [config_lib.get(saved, k), config_lib.get(cfg, k)]
@@ -252,32 +279,76 @@ def open_run(args):
     cfg = config_lib.load(args.config, args.set)
     name = os.path.splitext(os.path.basename(args.config))[0]
     run_dir = args.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.isdir(os.path.join(run_dir, runs.CHECKPOINTS)) and \
-            os.listdir(os.path.join(run_dir, runs.CHECKPOINTS)):
+    runs.check_unlocked(run_dir)
+    if runs.newest_checkpoint(os.path.join(run_dir, runs.CHECKPOINTS)):
         raise runs.RunError(f"'{run_dir}' already holds a run; continue it with "
                             f"--resume {run_dir}, or choose another --out")
     return cfg, run_dir, None, {}
 
 
 def session_config(cfg):
+    """Threads (Lesson 28), precision and JIT for the session that runs the graph.
+
+    Mixed precision is a graph rewrite: variables, batch-norm statistics and
+    losses stay float32, convolutions and matrix products run in bf16/fp16.
+    """
     threads = cfg.run.threads or config_lib.default_threads()  # Lesson 28
-    return tf1.ConfigProto(intra_op_parallelism_threads=threads,
-                           inter_op_parallelism_threads=cfg.run.inter_op_threads)
+    proto = tf1.ConfigProto(intra_op_parallelism_threads=threads,
+                            inter_op_parallelism_threads=cfg.run.inter_op_threads)
+    proto.gpu_options.allow_growth = True  # share a GPU instead of taking all its memory
+    rewrite = proto.graph_options.rewrite_options
+    if cfg.run.mixed_precision == "bf16":
+        rewrite.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
+    elif cfg.run.mixed_precision == "fp16":
+        # The rewrite casts to float16 on GPUs only; on a CPU the loss-scaled graph
+        # runs in float32 (TF's CPU float16 emulation crashes on this graph).
+        rewrite.auto_mixed_precision = rewriter_config_pb2.RewriterConfig.ON
+    if cfg.run.xla:
+        proto.graph_options.optimizer_options.global_jit_level = tf1.OptimizerOptions.ON_1
+    return proto
 
 
 def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z):
-    """Sidecar first, then the Saver, whose index update makes the step the newest."""
+    """Sidecar first, then the Saver (data, index, then TF's `checkpoint` file).
+
+    A failed write (disk full, folder gone) stops the run: its leftovers are
+    removed, the older checkpoints and the `checkpoint` file stay as they were.
+    """
     prefix = os.path.join(ckpt_dir, f"model-{step}")
     sess.run(g["set_step_op"], {g["step_in"]: step})
-    runs.save_sidecar(prefix, {"sample_z": sample_z, **{f"history_{k}": v
-                                                         for k, v in cache.state().items()}})
-    g["saver"].save(sess, os.path.join(ckpt_dir, "model"), global_step=step,
-                    write_meta_graph=False)
-    runs.remove_orphan_sidecars(ckpt_dir)
+    try:
+        runs.save_sidecar(prefix, {"sample_z": sample_z, **{f"history_{k}": v
+                                                             for k, v in cache.state().items()}})
+        g["saver"].save(sess, os.path.join(ckpt_dir, "model"), global_step=step,
+                        write_meta_graph=False)
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        if os.path.isdir(ckpt_dir):
+            runs.remove_leftovers(ckpt_dir)
+        raise runs.RunError(f"step {step}: writing checkpoint '{prefix}' failed "
+                            f"({error_cause(e)}); training stopped, the older checkpoints "
+                            f"are kept: fix the cause (disk space, permissions) and "
+                            f"--resume {os.path.dirname(ckpt_dir)}") from None
+    runs.remove_leftovers(ckpt_dir)
     return prefix
 
 
-def restore_checkpoint(sess, g, prefix, cache):
+def diverged(step, record, bad, run_dir, saved_step):
+    """The error for a non-finite loss: no checkpoint is written after it."""
+    good = os.path.join(run_dir, runs.CHECKPOINTS, f"model-{saved_step}")
+    kept = (f"the last good checkpoint, {good}, is kept: lower train.lr_disc / train.lr_gen "
+            f"and --resume {run_dir}" if saved_step
+            else "no checkpoint was written before it: start again with lower learning rates")
+    return runs.RunError(f"step {step}: {', '.join(bad)} became {record[bad[0]]}; "
+                         f"training stopped; {kept}")
+
+
+def error_cause(e):
+    """The line of an error that says what went wrong; TF's come after a stack."""
+    lines = [s for s in getattr(e, "message", str(e)).splitlines() if s and not s[0].isspace()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def restore_checkpoint(sess, g, prefix, cache, ckpt_dir):
     """Weights, all four Adam states and BN averages, then the sidecar; returns (step, sample_z)."""
     try:
         g["saver"].restore(sess, prefix)
@@ -286,11 +357,10 @@ def restore_checkpoint(sess, g, prefix, cache):
                             f"{str(e).splitlines()[0]}") from None
     state = runs.load_sidecar(prefix)
     cache.load_state({k[len("history_"):]: v for k, v in state.items() if k.startswith("history_")})
-    ckpt_dir = os.path.dirname(prefix)
-    known = tf.train.get_checkpoint_state(ckpt_dir)
-    if known:
-        g["saver"].recover_last_checkpoints(list(known.all_model_checkpoint_paths))
-    return int(sess.run(g["global_step"])), state["sample_z"]
+    step = int(sess.run(g["global_step"]))
+    keep = g["saver"].saver_def.max_to_keep
+    g["saver"].recover_last_checkpoints(runs.adopt_checkpoints(ckpt_dir, step, keep))
+    return step, state["sample_z"]
 
 
 # ---------------------------------------------------------------- main
@@ -350,20 +420,22 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
         os.makedirs(d, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
     cache = HistoryCache(t.history_size, (m.image_size, m.image_size, m.channels), seed=t.seed)
-    n_history = history_count(t.batch_size, t.history_fraction)
 
     sess = tf1.Session(graph=graph, config=session_config(cfg))
     writer = tf1.summary.FileWriter(os.path.join(run_dir, "tensorboard"))
     graph.finalize()  # Lesson 14: the loop below can add no op
     if prefix:
-        step, sample_z = restore_checkpoint(sess, g, prefix, cache)
-        records = runs.truncate_log(log_path, step)
+        step, sample_z = restore_checkpoint(sess, g, prefix, cache, ckpt_dir)
+        records = [r for r in runs.truncate_log(log_path, step) if "event" not in r]
         runs.Log(log_path).write({"event": "resume", "step": step, "checkpoint": prefix,
                                   "changed": changed})
+        # TensorBoard drops what earlier event files hold after this step (redone steps).
+        writer.add_session_log(tf1.SessionLog(status=tf1.SessionLog.START), step)
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
     else:
         sess.run(g["init_op"])
         step, records = 0, []
+        runs.truncate_log(log_path, 0)  # a run restarted before its first checkpoint logs anew
         sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
     config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
@@ -376,22 +448,12 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
     while step < t.steps and stop.signal is None:
         step_started = time.time()
         step += 1
-        rng = np.random.default_rng([t.seed, step])  # every draw of a step, by seed and step
-        reals = batches.get(step - 1)
-        if cfg.data.augment:
-            reals = data.augment(reals, rng)
-        z = sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist)
-        history_used = use_history(rng.random(), t.history_prob, len(cache), n_history)
-        history = cache.sample(n_history) if history_used else None
-        record, fakes = train_step(sess, g, reals, z, history, history_used)
-        cache.add(to_u8(fakes[0]))  # Lesson 34: from the generated batch, stored as uint8
+        record = run_step(sess, g, cfg, batches, cache, step)
 
         bad = [k for k in LOSS_KEYS if not np.isfinite(record[k])]
         if bad:
             log.write({"step": step, **record, "error": "non-finite loss"})
-            raise runs.RunError(f"step {step}: {', '.join(bad)} became {record[bad[0]]}; "
-                                f"training stopped and the last good checkpoint is kept in "
-                                f"{ckpt_dir}; lower the learning rates and resume from it")
+            raise diverged(step, record, bad, run_dir, saved_step)
         record = {"step": step, **record,
                   "imgs_per_s": t.batch_size / (time.time() - step_started)}
         records.append(record)
@@ -441,6 +503,9 @@ def cli(argv=None):
         return main(argv)
     except (config_lib.ConfigError, data.DataError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk while writing samples or the log, say
+        print(f"error: {e}; the newest complete checkpoint is kept", file=sys.stderr)
         return 2
 
 

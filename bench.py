@@ -1,0 +1,253 @@
+"""How fast a training step runs on this machine, against the machine's own yardstick.
+
+    python bench.py [--config configs/article.json] [--steps 5] [--set section.key=value]... [--json OUT]
+
+A DCGAN step is almost all convolution arithmetic, so the figure of merit is
+achieved GFLOP/s over NumPy's float32 matrix-multiply GFLOP/s with the same
+thread count. FLOPs are counted from the layer shapes, not measured; see
+`step_flops`. Steps run on random uint8 tiles (the data does not change the
+arithmetic), through the same `train.run_step` the trainer uses.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import config as config_lib
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Benchmark a training step of a satgan config.")
+    p.add_argument("--config", default="configs/article.json")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path (after 2 warm-up)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- the yardstick
+
+def matmul_gflops(threads, size=2048, repeats=8):
+    """Median float32 GFLOP/s of an n x n matrix product in NumPy."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / float(np.median(times)) / 1e9
+
+
+# ---------------------------------------------------------------- FLOPs from shapes
+
+def net_flops(graph, scope):
+    """(forward FLOPs per image, FLOPs of the net's first layer per image).
+
+    A convolution costs 2 * output pixels * k * k * C_in * C_out multiply-adds;
+    a transposed one 2 * input pixels * k * k * C_in * C_out; a dense layer
+    2 * inputs * outputs. Batch norm, activations and Adam are left out (a few
+    percent at most).
+    """
+    total, first = 0, None
+    for op in graph.get_operations():
+        if not op.name.startswith(scope + "/") or "gradients" in op.name:
+            continue
+        if op.type == "Conv2D":
+            _, h, w, c_out = op.outputs[0].shape.as_list()
+            kh, kw, c_in, _ = op.inputs[1].shape.as_list()
+            flops = 2 * h * w * kh * kw * c_in * c_out
+        elif op.type == "Conv2DBackpropInput":  # the forward op of a transposed conv
+            _, h, w, c_in = op.inputs[2].shape.as_list()
+            kh, kw, c_out, _ = op.inputs[1].shape.as_list()
+            flops = 2 * h * w * kh * kw * c_in * c_out
+        elif op.type == "MatMul":
+            n_in, n_out = op.inputs[1].shape.as_list()
+            flops = 2 * n_in * n_out
+        else:
+            continue
+        first = flops if first is None else first
+        total += flops
+    return total, first
+
+
+def step_flops(g_fwd, g_first, d_fwd, d_first, batch):
+    """FLOPs of one step by path, from per-image forward FLOPs of G and D.
+
+    Backward through a layer costs its forward twice (gradient of the weights
+    and of the input); the first layer of a net needs no input gradient
+    unless something upstream learns. D sees 2B images (reals and fakes).
+      measure   G fwd (B) + D fwd (2B)
+      D update  D fwd + D weight grads + D input grads below the first layer (2B);
+                the fakes of the measurement are fed, so no G pass
+      G update  G fwd (B) + D fwd and input grads (2B) + G weight and input grads (B)
+      losses    G fwd (B) + D fwd (2B)
+    Path B: measure + one D update + two G updates + losses; path A: two D updates.
+    """
+    B = batch
+    measure = B * g_fwd + 2 * B * d_fwd
+    d_update = 2 * B * (3 * d_fwd - d_first)
+    g_update = B * (3 * g_fwd - g_first) + 2 * B * 2 * d_fwd
+    losses = measure
+    path_b = measure + d_update + 2 * g_update + losses
+    return {"B": path_b, "A": path_b + d_update}
+
+
+# ---------------------------------------------------------------- timing
+
+class TimedSession:
+    """A Session whose run() adds up the wall time spent inside TensorFlow."""
+
+    def __init__(self, sess):
+        self.sess, self.seconds = sess, 0.0
+
+    def run(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.sess.run(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def time_steps(cfg, graph, g, sess, path, steps, first_step):
+    """Median seconds of `steps` steps forced to `path`, and the share outside session.run."""
+    import numpy as np
+    import data
+    import train
+    from history_cache import HistoryCache
+    m, t = cfg.model, cfg.train
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (max(4 * t.batch_size, 256), m.image_size, m.image_size,
+                                  m.channels), dtype=np.uint8)
+    batches = data.Batches(tiles, [""] * len(tiles), t.batch_size, m.image_size, t.seed)
+    cache = HistoryCache(t.history_size, tiles.shape[1:], seed=t.seed)
+    for i in range(t.history_size):  # a full cache, so history steps happen at their rate
+        cache.add(tiles[i % len(tiles)])
+    timed = TimedSession(sess)
+    totals, outside = [], []
+    with tempfile.TemporaryFile("w") as log:
+        for i in range(steps + 2):
+            timed.seconds = 0.0
+            start = time.perf_counter()
+            record = train.run_step(timed, g, cfg, batches, cache, first_step + i, force_path=path)
+            log.write(json.dumps({"step": first_step + i, **record}) + "\n")
+            log.flush()
+            elapsed = time.perf_counter() - start
+            if i >= 2:  # warm-up: graph optimisation and allocations happen in the first runs
+                totals.append(elapsed)
+                outside.append((elapsed - timed.seconds) / elapsed)
+    return float(np.median(totals)), float(np.median(outside))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = config_lib.load(args.config, args.set)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = cfg.run.threads or config_lib.default_threads()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)  # NumPy's BLAS reads these when it loads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import numpy as np
+    import tensorflow as tf
+    import model
+    import train
+    tf1 = tf.compat.v1
+
+    matmul = matmul_gflops(threads)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(cfg.train.seed)
+        g = train.build_graph(cfg)
+    g_fwd, g_first = net_flops(graph, model.GEN_SCOPE)
+    d_fwd, d_first = net_flops(graph, model.DISC_SCOPE)
+    flops = step_flops(g_fwd, g_first, d_fwd, d_first, cfg.train.batch_size)
+
+    sess = tf1.Session(graph=graph, config=train.session_config(cfg))
+    sess.run(g["init_op"])
+    graph.finalize()
+    result = {"config": args.config, "overrides": args.set, "threads": threads,
+              "matmul_gflops": matmul, "g_fwd_gflop_per_img": g_fwd / 1e9,
+              "d_fwd_gflop_per_img": d_fwd / 1e9}
+    with graph.as_default():
+        for path in ("B", "A"):
+            seconds, outside = time_steps(cfg, graph, g, sess, path, args.steps,
+                                          first_step=1 if path == "B" else 1000)
+            achieved = flops[path] / seconds / 1e9
+            key = path.lower()
+            result.update({f"s_per_step_{key}": seconds, f"tflop_per_step_{key}": flops[path] / 1e12,
+                           f"gflops_{key}": achieved, f"peak_frac_{key}": achieved / matmul,
+                           f"outside_run_frac_{key}": outside})
+        result["imgs_per_s"] = cfg.train.batch_size / result["s_per_step_b"]
+        result["outside_run_frac"] = result["outside_run_frac_b"]
+        result.update(time_outputs(sess, g, cfg))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def time_outputs(sess, g, cfg):
+    """Seconds to write one sample grid and one checkpoint."""
+    import numpy as np
+    import train
+    from history_cache import HistoryCache
+    m, t = cfg.model, cfg.train
+    writer = _NullWriter()
+    cache = HistoryCache(t.history_size, (m.image_size, m.image_size, m.channels))
+    z = np.zeros((t.batch_size, m.z_dim), np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "checkpoints"))
+        start = time.perf_counter()
+        train.dump_samples(sess, g, z, tmp, writer, 1)
+        sample_s = time.perf_counter() - start
+        start = time.perf_counter()
+        train.save_checkpoint(sess, g, os.path.join(tmp, "checkpoints"), 1, cache, z)
+        checkpoint_s = time.perf_counter() - start
+    return {"sample_dump_s": sample_s, "checkpoint_s": checkpoint_s}
+
+
+class _NullWriter:
+    def add_summary(self, *_):
+        pass
+
+
+def print_table(r):
+    rows = [
+        ("threads", f"{r['threads']}"),
+        ("NumPy float32 matmul", f"{r['matmul_gflops']:.0f} GFLOP/s"),
+        ("forward per image, G / D", f"{r['g_fwd_gflop_per_img']:.3f} / {r['d_fwd_gflop_per_img']:.3f} GFLOP"),
+    ]
+    for path in ("b", "a"):
+        rows += [
+            (f"path {path.upper()}: FLOPs per step", f"{r[f'tflop_per_step_{path}']:.3f} TFLOP"),
+            (f"path {path.upper()}: seconds per step", f"{r[f's_per_step_{path}']:.3f} s (median)"),
+            (f"path {path.upper()}: achieved", f"{r[f'gflops_{path}']:.0f} GFLOP/s = "
+                                               f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul"),
+            (f"path {path.upper()}: outside session.run", f"{100 * r[f'outside_run_frac_{path}']:.1f}% of the step"),
+        ]
+    rows += [
+        ("images per second (path B)", f"{r['imgs_per_s']:.1f}"),
+        ("sample grid dump", f"{r['sample_dump_s']:.3f} s"),
+        ("checkpoint save", f"{r['checkpoint_s']:.3f} s"),
+        ("peak resident memory", f"{r['peak_rss_mb']:.0f} MB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"bench: {r['config']} {' '.join(r['overrides'])}".rstrip())
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

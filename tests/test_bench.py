@@ -1,0 +1,75 @@
+"""bench.py's arithmetic and the speed-related run flags (no timing asserted here)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bench
+import config
+import model
+import train
+from conftest import ROOT, run_script
+
+tf1 = tf.compat.v1
+
+
+def test_forward_flops_are_counted_from_layer_shapes():
+    graph = tf.Graph()
+    with graph.as_default():
+        z = tf1.placeholder(tf.float32, [2, 10])
+        fakes = model.generator(z, tf.constant(True), image_size=8, gen_filters=16, kernel=3,
+                                extra_layers=1)
+        model.discriminator(fakes, tf.constant(True), image_size=8, disc_filters=16, kernel=3,
+                            extra_layers=1)
+    g_total, g_first = bench.net_flops(graph, "generator")
+    # dense 10 -> 4*4*16; up1 4x4x16 -> 8x8x8 (transposed: input pixels); same1 8x8x8 -> 8x8x3
+    dense, up1, same1 = 2 * 10 * 256, 2 * 16 * 9 * 16 * 8, 2 * 64 * 9 * 8 * 3
+    assert (g_total, g_first) == (dense + up1 + same1, dense)
+    d_total, d_first = bench.net_flops(graph, "discriminator")
+    # same1 8x8x3 -> 8x8x8; down1 -> 4x4x16; logit 256 -> 1
+    conv1, down1, logit = 2 * 64 * 9 * 3 * 8, 2 * 16 * 9 * 8 * 16, 2 * 256
+    assert (d_total, d_first) == (conv1 + down1 + logit, conv1)
+
+
+def test_step_flops_add_up_the_runs_of_a_step():
+    flops = bench.step_flops(g_fwd=10, g_first=1, d_fwd=20, d_first=2, batch=1)
+    measure = 10 + 2 * 20
+    d_update = 2 * (3 * 20 - 2)
+    g_update = (3 * 10 - 1) + 4 * 20
+    assert flops["B"] == measure + d_update + 2 * g_update + measure
+    assert flops["A"] == flops["B"] + d_update
+
+
+@pytest.mark.parametrize("flags", [["run.mixed_precision=bf16"], ["run.mixed_precision=fp16"],
+                                   ["run.xla=true"]])
+def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), flags)
+    graph = tf.Graph()
+    with graph.as_default():
+        g = train.build_graph(cfg)
+    sess = tf1.Session(graph=graph, config=train.session_config(cfg))
+    sess.run(g["init_op"])
+    graph.finalize()
+    rng = np.random.default_rng(0)
+    reals = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    z = rng.uniform(-1, 1, (8, 16)).astype(np.float32)
+    with graph.as_default():
+        kernel = [v for v in tf1.trainable_variables() if v.op.name == "generator/up1/w"][0]
+    assert kernel.dtype.base_dtype == tf.float32  # variables stay float32
+    before = sess.run(kernel)
+    record, _ = train.train_step(sess, g, reals, z, None, False)
+    assert all(np.isfinite(record[k]) for k in train.LOSS_KEYS)
+    assert not np.allclose(before, sess.run(kernel))
+
+
+def test_bench_prints_the_table_and_writes_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script("bench.py", "--config", "configs/smoke.json", "--steps", "2",
+                      "--json", out, check=True)
+    assert "NumPy float32 matmul" in proc.stdout and "path A" in proc.stdout
+    figures = json.loads(out.read_text())
+    for key in ("s_per_step_b", "s_per_step_a", "peak_frac_b", "imgs_per_s", "matmul_gflops",
+                "outside_run_frac", "peak_rss_mb", "sample_dump_s", "checkpoint_s"):
+        assert figures[key] > 0, key
