@@ -55,6 +55,8 @@ class TrainConfig:
     sample_every: int = 10         # steps between sample grids
     checkpoint_every: int = 500    # steps between checkpoints
     keep_checkpoints: int = 5      # newest checkpoints kept on disk
+    eval_every: int = 0            # steps between SWD/MS-SSIM evaluations (0 = off); best kept
+    eval_images: int = 512         # generated images per evaluation
 
 
 @dataclass
@@ -141,14 +143,16 @@ def validate(cfg):
                 "train.log_every": t.log_every, "train.sample_every": t.sample_every,
                 "train.checkpoint_every": t.checkpoint_every,
                 "train.keep_checkpoints": t.keep_checkpoints,
-                "train.history_size": t.history_size, "run.inter_op_threads": r.inter_op_threads}
+                "train.history_size": t.history_size, "train.eval_images": t.eval_images,
+                "run.inter_op_threads": r.inter_op_threads}
     for key, value in flat(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-    for key in ("model.extra_layers", "model.reg_scale", "train.seed", "run.threads"):
+    for key in ("model.extra_layers", "model.reg_scale", "train.seed", "run.threads",
+                "train.eval_every"):
         if get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
     size = m.image_size

@@ -58,6 +58,16 @@ def find_images(path, split="train"):
     return files
 
 
+def manifest_splits(path):
+    """The splits a folder's or file's manifest.csv names; empty for a plain folder."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST)
+    if not (os.path.isfile(path) and path.lower().endswith(".csv")):
+        return set()
+    with open(path, newline="") as f:
+        return {row.get("split", "") for row in csv.DictReader(f)}
+
+
 def _manifest_files(path, split):
     folder = os.path.dirname(os.path.abspath(path))
     with open(path, newline="") as f:

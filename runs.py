@@ -39,9 +39,8 @@ class RunError(RuntimeError):
 CHECKPOINTS = "checkpoints"
 SIDECAR = ".state.npz"
 LOCK = "lock"
-INDEX_NAME = re.compile(r"model-(\d+)\.index$")
 # Files of step N apart from its index: the sidecar and the data shards.
-PART_NAME = re.compile(r"(model-\d+)(\.state\.npz|\.data-\d+-of-\d+)$")
+PART_NAME = re.compile(r"((?:model|best)-\d+)(\.state\.npz|\.data-\d+-of-\d+)$")
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -77,13 +76,14 @@ def checkpoint_problem(prefix):
     return None
 
 
-def checkpoint_steps(ckpt_dir):
-    """{step: prefix} of every checkpoint index in `ckpt_dir`, complete or not."""
+def checkpoint_steps(ckpt_dir, name="model"):
+    """{step: prefix} of every `name`-N checkpoint index in `ckpt_dir`, complete or not."""
     if not os.path.isdir(ckpt_dir):
         return {}
-    found = (INDEX_NAME.match(name) for name in os.listdir(ckpt_dir)
-             if os.path.isfile(os.path.join(ckpt_dir, name)))
-    return {int(m.group(1)): os.path.join(ckpt_dir, f"model-{m.group(1)}") for m in found if m}
+    pattern = re.compile(re.escape(name) + r"-(\d+)\.index$")
+    found = (pattern.match(entry) for entry in os.listdir(ckpt_dir)
+             if os.path.isfile(os.path.join(ckpt_dir, entry)))
+    return {int(m.group(1)): os.path.join(ckpt_dir, f"{name}-{m.group(1)}") for m in found if m}
 
 
 def newest_checkpoint(ckpt_dir):

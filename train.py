@@ -27,6 +27,7 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 
 import config as config_lib
 import data
+import metrics
 import model
 import runs
 from history_cache import HistoryCache
@@ -131,6 +132,7 @@ def build_graph(cfg):
     g["set_step_op"] = g["global_step"].assign(g["step_in"])
     g["init_op"] = tf1.global_variables_initializer()
     g["saver"] = tf1.train.Saver(max_to_keep=cfg.train.keep_checkpoints)
+    g["best_saver"] = tf1.train.Saver(max_to_keep=1)  # best-N: outside the retention of model-N
     return g
 
 
@@ -201,11 +203,15 @@ def write_atomic(path, payload):
 
 
 def tb_scalars(writer, record):
-    values = [tf1.Summary.Value(tag=k, simple_value=float(v)) for k, v in record.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
-    values.append(tf1.Summary.Value(tag="path_a", simple_value=float(record["path"] == "A")))
-    values.append(tf1.Summary.Value(tag="history_used", simple_value=float(record["history_used"])))
-    writer.add_summary(tf1.Summary(value=values), record["step"])
+    values = {k: v for k, v in record.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    values.update(path_a=record["path"] == "A", history_used=record["history_used"])
+    tb_values(writer, values, record["step"])
+
+
+def tb_values(writer, values, step):
+    summary = [tf1.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
+    writer.add_summary(tf1.Summary(value=summary), step)
 
 
 def tb_image(writer, tag, picture_u8, step):
@@ -239,6 +245,68 @@ def plot_losses(records, path):
     plt.close(fig)
     gc.collect()  # a figure is reference cycles: free it now, not at a rare full collection
     os.replace(path + ".tmp.png", path)
+
+
+# ---------------------------------------------------------------- evaluation during training
+
+class Evaluator:
+    """SWD and MS-SSIM of `eval_images` fakes every `eval_every` steps; keeps the best.
+
+    Reals are the data's holdout split when its manifest has one, else the
+    training tiles. The fakes come from fixed latents in inference mode, so
+    evaluations differ only by the weights. The best checkpoint by average SWD
+    is saved as checkpoints/best-N, which checkpoint retention never touches.
+    """
+
+    def __init__(self, cfg, g, batches, ckpt_dir, log_records):
+        t, m = cfg.train, cfg.model
+        self.cfg = cfg
+        if "holdout" in data.manifest_splits(cfg.data.path):
+            self.reals, _ = data.load_tiles(cfg.data.path, "holdout", m.image_size,
+                                            cfg.data.grayscale, cfg.data.bad_files)
+            self.split = "holdout"
+        else:
+            self.split = cfg.data.split or "train"
+            self.reals = batches.tiles
+            if self.reals is None:  # tiles stay on disk: read a seeded sample of them
+                pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
+                self.reals = np.stack([data.read_tile(batches.files[i], m.image_size,
+                                                      cfg.data.grayscale) for i in pick])
+        best = [p for _, p in sorted(runs.checkpoint_steps(ckpt_dir, "best").items())]
+        g["best_saver"].recover_last_checkpoints(best[-1:])  # so the next best replaces it
+        count = -(-t.eval_images // t.batch_size) * t.batch_size
+        self.z = sample_latents(np.random.default_rng([t.seed, 0xE7A1]), (count, m.z_dim),
+                                m.z_dist)[:t.eval_images]
+        evals = [r for r in log_records if r.get("event") == "eval"]
+        self.best = min((r["swd_avg"] for r in evals), default=float("inf"))
+
+    def __call__(self, sess, g, step, ckpt_dir, cache, sample_z):
+        started = time.time()
+        fakes = generate_u8(sess, g, self.z)
+        found = metrics.evaluate_sets(self.reals, fakes, seed=self.cfg.train.seed, quick=True,
+                                      threads=self.cfg.run.threads)
+        record = {"event": "eval", "step": step, "real_split": self.split,
+                  "swd_avg": found["swd_x1e3"]["avg"], "swd_x1e3": found["swd_x1e3"],
+                  "swd_real_baseline_x1e3": found["swd_real_baseline_x1e3"],
+                  "ms_ssim_fake": found["ms_ssim_fake"], "ms_ssim_real": found["ms_ssim_real"],
+                  "n": found["n"], "seconds": time.time() - started}
+        record["best"] = record["swd_avg"] < self.best
+        if record["best"]:
+            self.best = record["swd_avg"]
+            save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z, name="best")
+        return record
+
+
+def generate_u8(sess, g, z):
+    """uint8 fakes for any number of latents, a batch at a time, in inference mode."""
+    batch = int(g["z_in"].shape[0])
+    out = []
+    for start in range(0, len(z), batch):
+        chunk = np.zeros((batch, z.shape[1]), np.float32)
+        part = z[start:start + batch]
+        chunk[:len(part)] = part
+        out.append(sess.run(g["fakes_u8_out"], {g["z_in"]: chunk, g["is_training_in"]: False})[:len(part)])
+    return np.concatenate(out)
 
 
 # ---------------------------------------------------------------- run folder
@@ -308,19 +376,22 @@ def session_config(cfg):
     return proto
 
 
-def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z):
+def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z, name="model"):
     """Sidecar first, then the Saver (data, index, then TF's `checkpoint` file).
 
     A failed write (disk full, folder gone) stops the run: its leftovers are
     removed, the older checkpoints and the `checkpoint` file stay as they were.
+    name="best" writes best-N with its own Saver and index file, so neither
+    retention nor `--resume RUN` ever picks or deletes it.
     """
-    prefix = os.path.join(ckpt_dir, f"model-{step}")
+    prefix = os.path.join(ckpt_dir, f"{name}-{step}")
+    saver, index = (g["saver"], "checkpoint") if name == "model" else (g["best_saver"], "best")
     sess.run(g["set_step_op"], {g["step_in"]: step})
     try:
         runs.save_sidecar(prefix, {"sample_z": sample_z, **{f"history_{k}": v
                                                              for k, v in cache.state().items()}})
-        g["saver"].save(sess, os.path.join(ckpt_dir, "model"), global_step=step,
-                        write_meta_graph=False)
+        saver.save(sess, os.path.join(ckpt_dir, name), global_step=step,
+                   latest_filename=index, write_meta_graph=False)
     except (OSError, ValueError, tf.errors.OpError) as e:
         if os.path.isdir(ckpt_dir):
             runs.remove_leftovers(ckpt_dir)
@@ -426,7 +497,8 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
     graph.finalize()  # Lesson 14: the loop below can add no op
     if prefix:
         step, sample_z = restore_checkpoint(sess, g, prefix, cache, ckpt_dir)
-        records = [r for r in runs.truncate_log(log_path, step) if "event" not in r]
+        logged = runs.truncate_log(log_path, step)
+        records = [r for r in logged if "event" not in r]
         runs.Log(log_path).write({"event": "resume", "step": step, "checkpoint": prefix,
                                   "changed": changed})
         # TensorBoard drops what earlier event files hold after this step (redone steps).
@@ -434,7 +506,7 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
     else:
         sess.run(g["init_op"])
-        step, records = 0, []
+        step, records, logged = 0, [], []
         runs.truncate_log(log_path, 0)  # a run restarted before its first checkpoint logs anew
         sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
@@ -444,6 +516,7 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
 
+    evaluate = Evaluator(cfg, g, batches, ckpt_dir, logged) if t.eval_every else None
     saved_step = step
     while step < t.steps and stop.signal is None:
         step_started = time.time()
@@ -462,6 +535,13 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
             tb_scalars(writer, record)
         if step % t.sample_every == 0:
             dump_samples(sess, g, sample_z, sample_dir, writer, step)
+        if evaluate and step % t.eval_every == 0:
+            found = evaluate(sess, g, step, ckpt_dir, cache, sample_z)
+            log.write(found)
+            tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
+            print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
+                  f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f}"
+                  + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
         if step % t.checkpoint_every == 0 or step == t.steps:
             save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z)
             plot_losses(records, os.path.join(run_dir, "losses.png"))

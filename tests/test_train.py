@@ -293,3 +293,21 @@ def test_d_sees_reals_and_fakes_in_one_call():
                    and op.name.startswith("discriminator/") and "gradients" not in op.name]
     assert len(first_convs) == 3  # one per layer: same1, down2, down1
     assert first_convs[0].inputs[0].shape.as_list()[0] == 2 * cfg.train.batch_size
+
+
+def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
+    """train.eval_every: SWD/MS-SSIM on the holdout logged; best-N outlives retention."""
+    run = tmp_path / "run"
+    proc = run_script("train.py", "--config", "configs/smoke.json", "--set", "train.eval_every=20",
+                      "--set", "train.eval_images=64", "--set", "train.keep_checkpoints=1",
+                      "--out", run, check=True)
+    assert "eval at step 20" in proc.stdout
+    evals = [r for r in read_log(run) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [20] and evals[0]["real_split"] == "holdout"
+    assert evals[0]["swd_avg"] > 0 and 0 < evals[0]["ms_ssim_fake"] <= 1
+    names = sorted(os.listdir(run / "checkpoints"))
+    assert [n for n in names if n.endswith(".index")] == ["best-20.index", "model-30.index"]
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("model-30")
+    proc = run_script("generate.py", "--checkpoint", run / "checkpoints" / "best-20", "-n", "2",
+                      "--out", tmp_path / "fakes", check=True)
+    assert sorted(os.listdir(tmp_path / "fakes")) == ["fake-000000.png", "fake-000001.png"]
