@@ -20,7 +20,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from PIL import Image
 
-import config as config_lib
 import data
 import metrics
 import runs
@@ -359,11 +358,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        return main(argv)
-    except (EvalError, data.DataError, runs.RunError, config_lib.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return runs.cli(main, argv, errors=(EvalError,))
 
 
 if __name__ == "__main__":

@@ -535,11 +535,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        return main(argv)
-    except (config_lib.ConfigError, data.DataError, runs.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return runs.cli(main, argv)
 
 
 if __name__ == "__main__":

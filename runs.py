@@ -24,16 +24,27 @@ import json
 import os
 import re
 import shutil
+import sys
 import zipfile
 
 import numpy as np
 import tensorflow as tf
 
 import config as config_lib
+import data
 
 
 class RunError(RuntimeError):
     """A run folder or checkpoint cannot be used; the message says which and why."""
+
+
+def cli(main, argv=None, errors=()):
+    """Run a script's main: a mistake a user can make is one `error:` line and exit code 2."""
+    try:
+        return main(argv)
+    except (config_lib.ConfigError, data.DataError, RunError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 CHECKPOINTS = "checkpoints"

@@ -580,10 +580,7 @@ def dump_samples(sess, g, sample_z, sample_dir, writer, step):
 
 def cli(argv=None):
     try:
-        return main(argv)
-    except (config_lib.ConfigError, data.DataError, runs.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return runs.cli(main, argv)
     except OSError as e:  # a full disk while writing samples or the log, say
         print(f"error: {e}; the newest complete checkpoint is kept", file=sys.stderr)
         return 2
