@@ -127,12 +127,13 @@ def time_steps(cfg, graph, g, sess, path, steps, first_step):
     from history_cache import HistoryCache
     m, t = cfg.model, cfg.train
     rng = np.random.default_rng(0)
-    tiles = rng.integers(0, 256, (max(4 * t.batch_size, 256), m.image_size, m.image_size,
-                                  m.channels), dtype=np.uint8)
-    batches = data.Batches(tiles, [""] * len(tiles), t.batch_size, m.image_size, t.seed)
-    cache = HistoryCache(t.history_size, tiles.shape[1:], seed=t.seed)
+    side = config_lib.load_size(cfg)  # run_step crops these to image_size
+    tiles = rng.integers(0, 256, (max(4 * t.batch_size, 256), side, side, m.channels),
+                         dtype=np.uint8)
+    batches = data.Batches(tiles, [""] * len(tiles), t.batch_size, side, t.seed)
+    cache = HistoryCache(t.history_size, (m.image_size, m.image_size, m.channels), seed=t.seed)
     for i in range(t.history_size):  # a full cache, so history steps happen at their rate
-        cache.add(tiles[i % len(tiles)])
+        cache.add(tiles[i % len(tiles), :m.image_size, :m.image_size])
     timed = TimedSession(sess)
     totals, outside = [], []
     with tempfile.TemporaryFile("w") as log:

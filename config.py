@@ -22,6 +22,8 @@ class DataConfig:
     bad_files: str = "error"       # unreadable files: "error" stops, "skip" reports and drops them
     augment: bool = True           # random flips and 90-degree turns (overhead imagery has no "up")
     in_memory: bool = True         # False: read each batch from disk in a background thread
+    load_size: int = 0             # > model.image_size: tiles are loaded at this size and every
+                                   # step trains on random model.image_size crops of them (0: off)
 
 
 @dataclass
@@ -152,7 +154,7 @@ def validate(cfg):
         if not value > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
     for key in ("model.extra_layers", "model.reg_scale", "train.seed", "run.threads",
-                "train.eval_every"):
+                "train.eval_every", "data.load_size"):
         if get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
     size = m.image_size
@@ -168,8 +170,16 @@ def validate(cfg):
                 "model.bn_momentum"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within 0..1, got {get(cfg, key)}")
+    if d.load_size and d.load_size < size:
+        raise ConfigError(f"config key 'data.load_size' must be 0 (off) or >= model.image_size "
+                          f"{size}, got {d.load_size}")
     if not d.path:
         raise ConfigError("config key 'data.path' is empty: give the folder of training tiles")
+
+
+def load_size(cfg):
+    """Side of the tiles as loaded: data.load_size when it crops, else model.image_size."""
+    return max(cfg.data.load_size, cfg.model.image_size)
 
 
 def get(cfg, key):

@@ -147,7 +147,7 @@ def _fit(rgb, size):
     h, w = rgb.shape[:2]
     if min(h, w) < size:
         raise TileError(f"is {w}x{h}, smaller than the {size}x{size} tile size; "
-                        f"use larger images or a smaller model.image_size")
+                        f"use larger images, or a smaller model.image_size (and data.load_size)")
     if (h, w) == (size, size):
         return rgb
     side = min(h, w)
@@ -229,6 +229,19 @@ def augment(batch_u8, rng):
             turned = np.rot90(batch_u8[idx], k % 4, axes=(1, 2))
             out[idx] = turned[:, :, ::-1] if k >= 4 else turned
     return out
+
+
+def random_crops(batch_u8, size, rng):
+    """One random size x size window of each image [N, L, L, C]; L == size returns the batch.
+
+    With data.load_size, D learns from windows of the tiles at their own
+    resolution: far more distinct images than the tiles, and no area averaging.
+    """
+    n, side = len(batch_u8), batch_u8.shape[1]
+    if side == size:
+        return batch_u8
+    rows, cols = rng.integers(0, side - size + 1, (2, n))
+    return np.stack([img[r:r + size, c:c + size] for img, r, c in zip(batch_u8, rows, cols)])
 
 
 class Batches:

@@ -141,30 +141,39 @@ def read_files(files, image_size, what):
     return tiles
 
 
-def load_set(text, what, image_size, n=None, seed=0, notes=None):
+def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None):
     """(uint8 [N, S, S, 3], description): up to n files, a seeded sample, at image_size.
 
-    image_size None keeps the set's own size (that of its first file).
+    image_size None keeps the set's own size (that of its first file). With
+    load_size (a run trained with data.load_size) each image is read at that
+    size and one seeded image_size window of it is kept, as the run saw them.
     """
     files, description = list_set(text, what)
     side = native_side(files[0])
     image_size = image_size or side
-    if side < image_size:
+    read_size = max(load_size or 0, image_size)
+    if side < read_size:
         raise EvalError(f"{what} images of {description} are {side}x{side}, smaller than the "
-                        f"{image_size}x{image_size} fakes; give larger {what} images")
+                        f"{read_size}x{read_size} the "
+                        f"{'run trained on' if read_size > image_size else 'fakes are'}; "
+                        f"give larger {what} images")
     if n is not None and len(files) > n:
         pick = np.random.default_rng([seed, len(files)]).permutation(len(files))[:n]
         files = [files[i] for i in sorted(pick)]
     elif n is not None and len(files) < n and notes is not None:
         notes.append(f"{what}: only {len(files)} images in {description}, fewer than -n {n}; "
                      f"all of them are used")
-    if side != image_size and notes is not None:
-        notes.append(f"{what}: {side}x{side} images area-averaged to {image_size}x{image_size} "
-                     f"to match the fakes")
-    return read_files(files, image_size, what), description
+    if side != read_size and notes is not None:
+        notes.append(f"{what}: {side}x{side} images area-averaged to {read_size}x{read_size} "
+                     f"to match the {'run' if read_size > image_size else 'fakes'}")
+    tiles = read_files(files, read_size, what)
+    if read_size > image_size and notes is not None:
+        notes.append(f"{what}: one seeded {image_size}x{image_size} window of each "
+                     f"{read_size}x{read_size} image, as the run trained (data.load_size)")
+    return data.random_crops(tiles, image_size, np.random.default_rng([seed, read_size])), description
 
 
-def train_and_holdout(args, run_cfg, image_size, notes):
+def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
     """(train tiles or None, holdout tiles or None, descriptions) for the memorisation check."""
     if args.train:
         train_text = args.train
@@ -180,7 +189,7 @@ def train_and_holdout(args, run_cfg, image_size, notes):
         notes.append("nearest-neighbour check skipped: no training set known; "
                      "give --train (and --holdout)")
         return None, None, {}
-    train, train_desc = load_set(train_text, "train", image_size, notes=notes)
+    train, train_desc = load_set(train_text, "train", image_size, notes=notes, load_size=load_size)
     found = {"train": train_desc}
 
     holdout_text = args.holdout
@@ -200,7 +209,8 @@ def train_and_holdout(args, run_cfg, image_size, notes):
             holdout_text = f"{path}:{HOLDOUT_SPLIT}"
     holdout = None
     if holdout_text is not None:
-        holdout, found["holdout"] = load_set(holdout_text, "holdout", image_size, notes=notes)
+        holdout, found["holdout"] = load_set(holdout_text, "holdout", image_size, notes=notes,
+                                             load_size=load_size)
     return train, holdout, found
 
 
@@ -302,17 +312,18 @@ def main(argv=None):
     started = time.time()
     notes, timings, checkpoint_info = [], {}, {}
 
-    run_cfg = None
+    run_cfg, load_size = None, None
     if args.checkpoint:
         prefix, run_dir = runs.resolve_checkpoint(args.checkpoint)  # fails before any reading
         run_cfg = runs.read_run_config(run_dir)
         image_size = run_cfg.model.image_size
+        load_size = run_cfg.data.load_size or None
     else:
         fake_files, _ = list_set(args.fake, "fake")
         image_size = native_side(fake_files[0])
 
     t = time.time()
-    real, real_desc = load_set(args.real, "real", image_size, args.n, args.seed, notes)
+    real, real_desc = load_set(args.real, "real", image_size, args.n, args.seed, notes, load_size)
     if not args.checkpoint:
         fake, fake_desc = load_set(args.fake, "fake", None, args.n, args.seed, notes)
     timings["load_sets"] = time.time() - t
@@ -332,7 +343,7 @@ def main(argv=None):
         notes.append(f"sets cut to {m} images each (a seeded sample of the larger one)")
 
     t = time.time()
-    train, holdout, found = train_and_holdout(args, run_cfg, image_size, notes)
+    train, holdout, found = train_and_holdout(args, run_cfg, image_size, notes, load_size)
     timings["load_train"] = time.time() - t
     dihedral = run_cfg.data.augment if run_cfg is not None else True
 

@@ -273,7 +273,8 @@ def make_quiz(gen, args):
     n_reals = mask.size - n_fakes
 
     split = default_split(args.real) if args.split is None else args.split
-    tiles, files = data.load_tiles(args.real, split, m.image_size, gen.cfg.data.grayscale,
+    tiles, files = data.load_tiles(args.real, split, config_lib.load_size(gen.cfg),
+                                   gen.cfg.data.grayscale,
                                    log=lambda text: print(text, file=sys.stderr))
     if len(files) < n_reals:
         raise runs.RunError(f"'{args.real}' holds {len(files)} real tiles"
@@ -283,7 +284,9 @@ def make_quiz(gen, args):
     chosen = np.random.default_rng([args.seed, REALS_STREAM]).choice(len(files), n_reals,
                                                                      replace=False)
     fakes = gen.generate(gen.latents(n_fakes, args.seed))
-    cells = upscale(quiz_cells(mask, fakes, tiles[chosen]), DISPLAY_PX)
+    reals = data.random_crops(tiles[chosen], m.image_size,  # as trained (data.load_size)
+                              np.random.default_rng([args.seed, REALS_STREAM, 1]))
+    cells = upscale(quiz_cells(mask, fakes, reals), DISPLAY_PX)
     cell_px = cells.shape[1]
     quiz = tile_grid(cells, cols)
 

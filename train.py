@@ -142,7 +142,7 @@ def run_step(sess, g, cfg, batches, cache, step, force_path=None):
     """Step `step` (1-based): draw its batch, train on it, feed the history cache."""
     t, m = cfg.train, cfg.model
     rng = np.random.default_rng([t.seed, step])  # every draw of a step, by seed and step
-    reals = batches.get(step - 1)
+    reals = data.random_crops(batches.get(step - 1), m.image_size, rng)  # data.load_size
     if cfg.data.augment:
         reals = data.augment(reals, rng)
     z = sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist)
@@ -261,17 +261,20 @@ class Evaluator:
     def __init__(self, cfg, g, batches, ckpt_dir, log_records):
         t, m = cfg.train, cfg.model
         self.cfg = cfg
+        side = config_lib.load_size(cfg)
         if "holdout" in data.manifest_splits(cfg.data.path):
-            self.reals, _ = data.load_tiles(cfg.data.path, "holdout", m.image_size,
-                                            cfg.data.grayscale, cfg.data.bad_files)
+            reals, _ = data.load_tiles(cfg.data.path, "holdout", side,
+                                       cfg.data.grayscale, cfg.data.bad_files)
             self.split = "holdout"
         else:
             self.split = cfg.data.split or "train"
-            self.reals = batches.tiles
-            if self.reals is None:  # tiles stay on disk: read a seeded sample of them
+            reals = batches.tiles
+            if reals is None:  # tiles stay on disk: read a seeded sample of them
                 pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
-                self.reals = np.stack([data.read_tile(batches.files[i], m.image_size,
-                                                      cfg.data.grayscale) for i in pick])
+                reals = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
+                                  for i in pick])
+        # One fixed window per tile when training crops (data.load_size).
+        self.reals = data.random_crops(reals, m.image_size, np.random.default_rng([t.seed, 0xC0]))
         best = [p for _, p in sorted(runs.checkpoint_steps(ckpt_dir, "best").items())]
         g["best_saver"].recover_last_checkpoints(best[-1:])  # so the next best replaces it
         count = -(-t.eval_images // t.batch_size) * t.batch_size
@@ -454,10 +457,11 @@ def main(argv=None):
     t, m = cfg.train, cfg.model
 
     started = time.time()
-    tiles, files = data.load_tiles(cfg.data.path, cfg.data.split, m.image_size, cfg.data.grayscale,
+    side = config_lib.load_size(cfg)
+    tiles, files = data.load_tiles(cfg.data.path, cfg.data.split, side, cfg.data.grayscale,
                                    cfg.data.bad_files, min_count=t.batch_size,
                                    keep_pixels=cfg.data.in_memory)
-    batches = data.Batches(tiles, files, t.batch_size, m.image_size, t.seed, cfg.data.grayscale)
+    batches = data.Batches(tiles, files, t.batch_size, side, t.seed, cfg.data.grayscale)
     held = f"{tiles.nbytes / 2 ** 20:.1f} MB uint8 in memory" if tiles is not None else "read from disk"
     print(f"data: {len(files)} tiles from {cfg.data.path} ({held}), {time.time() - started:.1f} s")
 

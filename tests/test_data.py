@@ -187,6 +187,22 @@ def test_augmentation_is_the_dihedral_group():
     assert variants == {g.tobytes() for g in group}
 
 
+def test_random_crops_are_full_resolution_windows_of_each_tile():
+    """data.load_size: each image becomes one random window of its own pixels, seeded."""
+    tiles = np.random.default_rng(0).integers(0, 256, (50, 12, 12, 3), dtype=np.uint8)
+    crops = data.random_crops(tiles, 5, np.random.default_rng(1))
+    assert crops.shape == (50, 5, 5, 3)
+    offsets = set()
+    for tile, crop in zip(tiles, crops):
+        found = [(r, c) for r in range(8) for c in range(8)
+                 if np.array_equal(tile[r:r + 5, c:c + 5], crop)]
+        assert found  # a window of this tile, not resized, not of another tile
+        offsets.add(found[0])
+    assert len(offsets) > 20 and {r for r, _ in offsets} >= {0, 7}  # every row offset reachable
+    np.testing.assert_array_equal(crops, data.random_crops(tiles, 5, np.random.default_rng(1)))
+    assert data.random_crops(tiles, 12, np.random.default_rng(1)) is tiles  # same size: untouched
+
+
 def test_train_refuses_bad_tiles_before_writing_anything(tmp_path):
     folder = write_tiles(str(tmp_path / "tiles"), 12)
     save(folder, "gray.png", rgb()[:, :, 0])

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import config
+import data
 import train
 from conftest import ROOT, run_script, write_tiles
 
@@ -189,6 +190,25 @@ def batch(cfg, seed=0):
     return reals, z
 
 
+def test_load_size_trains_on_windows_of_the_larger_tiles(monkeypatch):
+    """data.load_size: the step's reals are image_size windows of the loaded tiles."""
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),
+                      ["data.load_size=32", "data.augment=false"])
+    B = cfg.train.batch_size
+    tiles = np.random.default_rng(0).integers(0, 256, (3 * B, 32, 32, 3), dtype=np.uint8)
+    batches = data.Batches(tiles, [""] * len(tiles), B, 32, seed=0)
+    seen = []
+    monkeypatch.setattr(train, "train_step", lambda sess, g, reals, *rest, **kw:
+                        (seen.append(reals) or {}, np.zeros((B, 16, 16, 3), np.float32)))
+    cache = train.HistoryCache(10, (16, 16, 3))
+    train.run_step(None, None, cfg, batches, cache, step=2)
+    source = tiles[data.batch_indices(1, B, len(tiles), 0)]
+    assert seen[0].shape == (B, 16, 16, 3)
+    for tile, crop in zip(source, seen[0]):
+        assert any(np.array_equal(tile[r:r + 16, c:c + 16], crop)
+                   for r in range(17) for c in range(17))
+
+
 def test_graph_is_finalized_and_its_op_count_constant():
     """Lesson 14: the loop creates no op."""
     cfg = tiny_cfg()
@@ -298,9 +318,10 @@ def test_d_sees_reals_and_fakes_in_one_call():
 def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
     """train.eval_every: SWD/MS-SSIM on the holdout logged; best-N outlives retention."""
     run = tmp_path / "run"
+    # Trained on 16x16 windows of the 64x64 sample tiles (data.load_size), evaluated on such too.
     proc = run_script("train.py", "--config", "configs/smoke.json", "--set", "train.eval_every=20",
                       "--set", "train.eval_images=64", "--set", "train.keep_checkpoints=1",
-                      "--out", run, check=True)
+                      "--set", "data.load_size=64", "--out", run, check=True)
     assert "eval at step 20" in proc.stdout
     evals = [r for r in read_log(run) if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [20] and evals[0]["real_split"] == "holdout"

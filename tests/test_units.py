@@ -115,6 +115,8 @@ def test_json_then_set_overrides(tmp_path):
     ("model.gen_filters=100", "divisible by 16"),
     ("train.history_prob=1.5", "within 0..1"),
     ("data.grayscale=keep", "must be one of error, convert"),
+    ("data.load_size=32", "or >= model.image_size 64, got 32"),
+    ("data.load_size=-1", "'data.load_size' must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
