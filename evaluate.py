@@ -39,7 +39,9 @@ image sets (--real, --fake, --train, --holdout) are written PATH or PATH:SPLIT:
 sizes: -n images per set. Reals are a seeded sample without replacement (all
   of them, with a note, when fewer exist); with --checkpoint as many fakes are
   generated as there are reals, so both sets hold the same number. Reals
-  larger than the fakes are area-averaged to the fakes' size (noted).
+  larger than the fakes are area-averaged to the fakes' size (noted); for a
+  checkpoint trained with data.load_size, to that size, then one seeded
+  window of the fakes' size is taken from each, as the run trained.
 
 baseline: each set is split into random halves of n/2. SWD and the colour
   distances of fakes are the mean of (fake half 1 vs real half A) and (fake

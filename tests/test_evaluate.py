@@ -8,7 +8,7 @@ from PIL import Image
 
 import data
 import evaluate
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, write_tiles
 
 SAMPLE = os.path.join(ROOT, "data")
 
@@ -81,6 +81,22 @@ def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_reals_of_a_load_size_run_are_windows_at_its_resolution(tmp_path):
+    """A run trained on windows (data.load_size) is compared with windows, not shrunk tiles."""
+    folder = write_tiles(str(tmp_path / "reals"), 6, size=64)
+    notes = []
+    reals, _ = evaluate.load_set(folder, "real", 16, notes=notes, load_size=32)
+    assert reals.shape == (6, 16, 16, 3)
+    tiles32, _ = data.load_tiles(folder, image_size=32)
+    for tile, window in zip(tiles32, reals):
+        assert any(np.array_equal(tile[r:r + 16, c:c + 16], window)
+                   for r in range(17) for c in range(17))
+    assert any("window" in note for note in notes) and any("to 32x32" in note for note in notes)
+    too_big = 128
+    with pytest.raises(evaluate.EvalError, match="smaller than the 128x128 the run trained on"):
+        evaluate.load_set(folder, "real", 16, load_size=too_big)
 
 
 def test_set_syntax():

@@ -332,3 +332,8 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
     proc = run_script("generate.py", "--checkpoint", run / "checkpoints" / "best-20", "-n", "2",
                       "--out", tmp_path / "fakes", check=True)
     assert sorted(os.listdir(tmp_path / "fakes")) == ["fake-000000.png", "fake-000001.png"]
+    # The Turing quiz of a window-trained run shows windows of the real tiles beside the fakes.
+    import generate
+    assert generate.cli(["--checkpoint", str(run), "--turing", "--real", "data",
+                         "--out", str(tmp_path / "quiz"), "--threads", "1"]) == 0
+    assert os.path.exists(tmp_path / "quiz" / "quiz.png")
