@@ -1,6 +1,6 @@
 """How fast a training step runs on this machine, against the machine's own yardstick.
 
-    python bench.py [--config configs/article.json] [--steps 5] [--set section.key=value]... [--json OUT]
+    python bench.py [--config configs/article.json] [--steps 5] [--set section.key=value]... [--json OUT] [--untuned]
 
 A DCGAN step is almost all convolution arithmetic, so the figure of merit is
 achieved GFLOP/s over NumPy's float32 matrix-multiply GFLOP/s with the same
@@ -9,6 +9,7 @@ thread count. FLOPs are counted from the layer shapes, not measured; see
 arithmetic), through the same `train.run_step` the trainer uses.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -25,6 +26,9 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (after 2 warm-up)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--untuned", action="store_true",
+                   help="time the 'before' graph: transposed-conv output shapes from tf.shape "
+                        "and tf.nn.moments batch norm instead of static shapes and fused batch norm")
     return p.parse_args(argv)
 
 
@@ -79,6 +83,51 @@ def net_flops(graph, scope):
         first = flops if first is None else first
         total += flops
     return total, first
+
+
+@contextlib.contextmanager
+def untuned_layers():
+    """model.py's two tuned layers swapped for their usual first drafts, for `--untuned`.
+
+    Same variables, same arithmetic: the transposed conv takes its output shape
+    from tf.shape at run time, and batch norm is tf.nn.moments plus
+    tf.nn.batch_normalization. The README's before/after row compares them.
+    """
+    import tensorflow as tf
+    import model
+    tf1 = tf.compat.v1
+    tuned = model.deconv2d, model.batch_norm
+
+    def deconv2d(x, filters, kernel, stride, name):
+        with tf1.variable_scope(name):
+            w = model._weight("w", [kernel, kernel, filters, int(x.shape[-1])])
+            shape = tf.raw_ops.Shape(input=x)  # tf.shape would fold a known shape to a constant
+            out_shape = tf.stack([shape[0], shape[1] * stride, shape[2] * stride, filters])
+            y = tf.nn.conv2d_transpose(x, w, out_shape, [1, stride, stride, 1], "SAME")
+            return tf.nn.bias_add(y, model._bias("b", filters))
+
+    def batch_norm(x, is_training, momentum, name):
+        with tf1.variable_scope(name):
+            channels = int(x.shape[-1])
+            gamma = tf1.get_variable("gamma", [channels], initializer=tf1.ones_initializer())
+            beta = tf1.get_variable("beta", [channels], initializer=tf1.zeros_initializer())
+            moving_mean = tf1.get_variable("moving_mean", [channels], trainable=False,
+                                           initializer=tf1.zeros_initializer())
+            moving_var = tf1.get_variable("moving_var", [channels], trainable=False,
+                                          initializer=tf1.ones_initializer())
+            batch_mean, batch_var = tf.nn.moments(x, [0, 1, 2])
+            mean, var = tf.cond(is_training, lambda: (batch_mean, batch_var),
+                                lambda: (moving_mean.read_value(), moving_var.read_value()))
+            for average, value in ((moving_mean, batch_mean), (moving_var, batch_var)):
+                tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, average.assign(
+                    average * momentum + value * (1.0 - momentum)))
+            return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-5)
+
+    model.deconv2d, model.batch_norm = deconv2d, batch_norm
+    try:
+        yield
+    finally:
+        model.deconv2d, model.batch_norm = tuned
 
 
 def step_flops(g_fwd, g_first, d_fwd, d_first, batch):
@@ -170,17 +219,23 @@ def main(argv=None):
 
     matmul = matmul_gflops(threads)
     graph = tf.Graph()
-    with graph.as_default():
+    with graph.as_default():  # FLOPs from the tuned graph's static shapes either way
         tf1.set_random_seed(cfg.train.seed)
         g = train.build_graph(cfg)
     g_fwd, g_first = net_flops(graph, model.GEN_SCOPE)
     d_fwd, d_first = net_flops(graph, model.DISC_SCOPE)
     flops = step_flops(g_fwd, g_first, d_fwd, d_first, cfg.train.batch_size)
+    if args.untuned:
+        graph = tf.Graph()
+        with graph.as_default(), untuned_layers():
+            tf1.set_random_seed(cfg.train.seed)
+            g = train.build_graph(cfg)
 
     sess = tf1.Session(graph=graph, config=train.session_config(cfg))
     sess.run(g["init_op"])
     graph.finalize()
     result = {"config": args.config, "overrides": args.set, "threads": threads,
+              "untuned": args.untuned,
               "matmul_gflops": matmul, "g_fwd_gflop_per_img": g_fwd / 1e9,
               "d_fwd_gflop_per_img": d_fwd / 1e9}
     with graph.as_default():
@@ -249,7 +304,8 @@ def print_table(r):
         ("peak resident memory", f"{r['peak_rss_mb']:.0f} MB"),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"bench: {r['config']} {' '.join(r['overrides'])}".rstrip())
+    print(f"bench: {r['config']} {' '.join(r['overrides'])}".rstrip()
+          + (" (untuned graph)" if r.get("untuned") else ""))
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
 

@@ -64,6 +64,38 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
     assert not np.allclose(before, sess.run(kernel))
 
 
+def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_norm():
+    """bench.py --untuned: the 'before' row times the same variables and arithmetic."""
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
+    graphs = {}
+    for untuned in (False, True):
+        graph = tf.Graph()
+        with graph.as_default(), (bench.untuned_layers() if untuned else _nothing()):
+            tf1.set_random_seed(0)
+            g = train.build_graph(cfg)
+            names = sorted((v.op.name, tuple(v.shape.as_list())) for v in tf1.global_variables())
+        ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
+        graphs[untuned] = (graph, g, names, ops)
+    assert graphs[True][2] == graphs[False][2]  # same variables, same shapes
+    # tf.nn.moments adds SquaredDifference; fused batch norm sits inside the cond's functions.
+    assert "SquaredDifference" in graphs[True][3] and "SquaredDifference" not in graphs[False][3]
+    assert "Shape" not in graphs[False][3] and "Shape" in graphs[True][3]
+    assert model.batch_norm.__module__ == "model"  # restored afterwards
+    graph, g, _, _ = graphs[True]
+    sess = tf1.Session(graph=graph)
+    sess.run(g["init_op"])
+    rng = np.random.default_rng(0)
+    reals = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    z = rng.uniform(-1, 1, (8, 16)).astype(np.float32)
+    record, fakes = train.train_step(sess, g, reals, z, None, False)
+    assert fakes.shape == (8, 16, 16, 3) and all(np.isfinite(record[k]) for k in train.LOSS_KEYS)
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
+
+
 def test_bench_prints_the_table_and_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script("bench.py", "--config", "configs/smoke.json", "--steps", "2",
