@@ -137,7 +137,7 @@ def validate(cfg):
     for key, choices in CHOICES.items():
         value = get(cfg, key)
         if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
     positive = {"model.channels": m.channels, "model.z_dim": m.z_dim, "model.kernel": m.kernel,
                 "model.gen_filters": m.gen_filters, "model.disc_filters": m.disc_filters,
                 "train.steps": t.steps, "train.batch_size": t.batch_size,
@@ -230,7 +230,7 @@ def load(path=None, overrides=(), base=None):
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"--set expects section.key=value, got '{item}'")
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
         _set(cfg, key.strip(), value, from_text=True)
     validate(cfg)
     return cfg

@@ -123,6 +123,14 @@ def test_bad_overrides_name_the_key(item, message):
         config.load(None, [item])
 
 
+@pytest.mark.parametrize("item", ["=\n", "\n=1", "data.grayscale=a\nb"])
+def test_a_bad_set_item_is_shown_on_one_line(item):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(None, [item])
+    assert "\n" not in str(e.value) and repr(item.partition("=")[2].strip()) in str(e.value) \
+        or repr(item) in str(e.value)
+
+
 def test_bad_files_name_the_file(tmp_path):
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(str(tmp_path / "missing.json"))
