@@ -265,6 +265,7 @@ def time_steps(cfg, step, path, steps, first_step):
     """
     import numpy as np
     import data
+    from train import sample_latents
     m, t = cfg.model, cfg.train
     side = config_lib.load_size(cfg)
     tiles = np.random.default_rng(0).integers(
@@ -277,9 +278,7 @@ def time_steps(cfg, step, path, steps, first_step):
         reals = data.random_crops(batches.get(first_step + i - 1), m.image_size, rng)
         if cfg.data.augment:
             reals = data.augment(reals, rng)
-        shape = (t.batch_size, m.z_dim)
-        z = (rng.standard_normal(shape) if m.z_dist == "normal"
-             else rng.uniform(-1.0, 1.0, shape)).astype(np.float32)
+        z = sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist)
         step(reals, z, path)
         if i >= 2:  # warm-up: oneDNN picks and caches its kernels in the first runs
             totals.append(time.perf_counter() - start)

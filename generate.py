@@ -29,6 +29,7 @@ import config as config_lib
 import data
 import model
 import runs
+import train
 
 tf1 = tf.compat.v1
 tf.get_logger().setLevel("ERROR")
@@ -47,13 +48,6 @@ PROGRESS_EVERY_S = 10.0  # otherwise a line every 10% done or this often
 
 
 # ---------------------------------------------------------------- the generator
-
-def draw_latents(rng, n, z_dim, dist):
-    """n latent vectors [n, z_dim] from `rng`; consecutive draws continue one stream."""
-    if dist == "normal":
-        return rng.standard_normal((n, z_dim)).astype(np.float32)
-    return rng.uniform(-1.0, 1.0, (n, z_dim)).astype(np.float32)
-
 
 def inference_images(z_in, m):
     """uint8 images [N, S, S, 3] of the generator in inference mode, for latents z_in."""
@@ -128,19 +122,10 @@ class Generator:
         self.graph.finalize()
 
     def latents(self, n, seed):
-        return draw_latents(np.random.default_rng(seed), n, self.z_dim, self.z_dist)
+        return train.sample_latents(np.random.default_rng(seed), (n, self.z_dim), self.z_dist)
 
     def generate(self, z, progress=None):
-        out = np.empty((len(z), *self.fakes_u8_out.shape[1:]), np.uint8)
-        for start in range(0, len(z), self.batch_size):
-            chunk = z[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size, self.z_dim), np.float32)
-            padded[:len(chunk)] = chunk  # inference mode: padding cannot change the others
-            out[start:start + len(chunk)] = self.sess.run(
-                self.fakes_u8_out, {self.z_in: padded})[:len(chunk)]
-            if progress:
-                progress(start + len(chunk), len(z))
-        return out
+        return train.generate_u8(self.sess, self.z_in, self.fakes_u8_out, z, progress=progress)
 
     def close(self):
         self.sess.close()
@@ -365,7 +350,8 @@ def make_samples(gen, args):
     progress = Progress("generated")
     started = time.time()
     for start in range(0, args.n, gen.batch_size):
-        z = draw_latents(rng, min(gen.batch_size, args.n - start), gen.z_dim, gen.z_dist)
+        z = train.sample_latents(rng, (min(gen.batch_size, args.n - start), gen.z_dim),
+                                 gen.z_dist)
         for i, image in enumerate(gen.generate(z), start):
             save_png(os.path.join(args.out, SAMPLE_NAME.format(i)), image)
         progress(start + len(z), args.n)

@@ -285,7 +285,8 @@ class Evaluator:
 
     def __call__(self, sess, g, step, ckpt_dir, cache, sample_z):
         started = time.time()
-        fakes = generate_u8(sess, g, self.z)
+        fakes = generate_u8(sess, g["z_in"], g["fakes_u8_out"], self.z,
+                            {g["is_training_in"]: False})
         found = metrics.evaluate_sets(self.reals, fakes, seed=self.cfg.train.seed, quick=True,
                                       threads=self.cfg.run.threads)
         record = {"event": "eval", "step": step, "real_split": self.split,
@@ -300,16 +301,22 @@ class Evaluator:
         return record
 
 
-def generate_u8(sess, g, z):
-    """uint8 fakes for any number of latents, a batch at a time, in inference mode."""
-    batch = int(g["z_in"].shape[0])
-    out = []
+def generate_u8(sess, z_in, images_out, z, feed=None, progress=None):
+    """uint8 images for any number of latents, run `z_in`'s static batch at a time.
+
+    The last batch is padded with zeros and cut back; in inference mode the
+    padding cannot change the other images. `feed` adds to each run.
+    """
+    batch = int(z_in.shape[0])
+    out = np.empty((len(z), *images_out.shape[1:]), np.uint8)
     for start in range(0, len(z), batch):
-        chunk = np.zeros((batch, z.shape[1]), np.float32)
         part = z[start:start + batch]
-        chunk[:len(part)] = part
-        out.append(sess.run(g["fakes_u8_out"], {g["z_in"]: chunk, g["is_training_in"]: False})[:len(part)])
-    return np.concatenate(out)
+        padded = np.zeros((batch, z.shape[1]), np.float32)
+        padded[:len(part)] = part
+        out[start:start + len(part)] = sess.run(images_out, {**(feed or {}), z_in: padded})[:len(part)]
+        if progress:
+            progress(start + len(part), len(z))
+    return out
 
 
 # ---------------------------------------------------------------- run folder

@@ -19,6 +19,7 @@ from conftest import ROOT, run_script, write_tiles
 
 import data
 import generate
+import train
 
 SEED = 7
 SIZE = 16  # configs/smoke.json model.image_size
@@ -75,7 +76,7 @@ def cli_export_then_load(smoke_run, out):
     proc = run_script("generate.py", "--checkpoint", smoke_run, "--export", out / "saved",
                       check=True)
     m = json.loads(open(os.path.join(smoke_run, "config.json")).read())["model"]
-    z = generate.draw_latents(np.random.default_rng(SEED), 10, m["z_dim"], m["z_dist"])
+    z = train.sample_latents(np.random.default_rng(SEED), (10, m["z_dim"]), m["z_dist"])
     np.save(out / "z.npy", z)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run([sys.executable, "-c", LOAD, out / "saved", out / "z.npy", out / "all.npy",
@@ -125,10 +126,10 @@ def test_samples_do_not_depend_on_the_batch_size(smoke_run, gen, modes):
 def test_latents_drawn_batch_by_batch_equal_one_draw():
     for dist in ("uniform", "normal"):
         rng = np.random.default_rng(SEED)
-        chunks = np.concatenate([generate.draw_latents(rng, k, 5, dist) for k in (3, 1, 6)])
-        whole = generate.draw_latents(np.random.default_rng(SEED), 10, 5, dist)
+        chunks = np.concatenate([train.sample_latents(rng, (k, 5), dist) for k in (3, 1, 6)])
+        whole = train.sample_latents(np.random.default_rng(SEED), (10, 5), dist)
         np.testing.assert_array_equal(chunks, whole)
-    uniform = generate.draw_latents(np.random.default_rng(0), 1000, 5, "uniform")
+    uniform = train.sample_latents(np.random.default_rng(0), (1000, 5), "uniform")
     assert uniform.min() >= -1 and uniform.max() <= 1 and uniform.dtype == np.float32
 
 
