@@ -34,23 +34,35 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------- the yardstick
 
-def matmul_gflops(threads, size=2048, repeats=20):
-    """Best float32 GFLOP/s of an n x n matrix product in NumPy: the machine's peak.
+class Yardstick:
+    """NumPy's float32 matrix-product GFLOP/s, probed between timed steps.
 
-    The best of many repeats, because a median moved by a factor of two between
-    runs here (clock and cache state), while the yardstick should not move.
+    On the 2-core machine a start-up figure moved by a factor of two between
+    runs (153 to 315 GFLOP/s) while steps of one run kept their pace, so a
+    share of peak against it said more about the moment than about the graph.
+    A short probe before every timed step follows the machine instead: a
+    step's share is its GFLOP/s over the probe just before it. Each probe is
+    the best of a few products (a product is about 0.05 s here).
     """
-    import numpy as np
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / min(times) / 1e9
+
+    def __init__(self, size=2048):
+        import numpy as np
+        rng = np.random.default_rng(0)
+        self.size = size
+        self.a = rng.standard_normal((size, size), dtype=np.float32)
+        self.b = rng.standard_normal((size, size), dtype=np.float32)
+        self.a @ self.b  # warm-up: BLAS threads and pages
+        self.readings = []
+
+    def probe(self, repeats=3):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.a @ self.b
+            times.append(time.perf_counter() - start)
+        gflops = 2 * self.size ** 3 / min(times) / 1e9
+        self.readings.append(gflops)
+        return gflops
 
 
 # ---------------------------------------------------------------- FLOPs from shapes
@@ -168,8 +180,12 @@ class TimedSession:
             self.seconds += time.perf_counter() - start
 
 
-def time_steps(cfg, graph, g, sess, path, steps, first_step):
-    """Median seconds of `steps` steps forced to `path`, and the share outside session.run."""
+def time_steps(cfg, graph, g, sess, path, steps, first_step, yardstick):
+    """Seconds of `steps` steps forced to `path`, with a yardstick probe before each.
+
+    Returns (seconds, share outside session.run, probe GFLOP/s), one of each
+    per timed step.
+    """
     import numpy as np
     import data
     import train
@@ -184,9 +200,10 @@ def time_steps(cfg, graph, g, sess, path, steps, first_step):
     for i in range(t.history_size):  # a full cache, so history steps happen at their rate
         cache.add(tiles[i % len(tiles), :m.image_size, :m.image_size])
     timed = TimedSession(sess)
-    totals, outside = [], []
+    totals, outside, probes = [], [], []
     with tempfile.TemporaryFile("w") as log:
         for i in range(steps + 2):
+            probe = yardstick.probe()
             timed.seconds = 0.0
             start = time.perf_counter()
             record = train.run_step(timed, g, cfg, batches, cache, first_step + i, force_path=path)
@@ -196,7 +213,18 @@ def time_steps(cfg, graph, g, sess, path, steps, first_step):
             if i >= 2:  # warm-up: graph optimisation and allocations happen in the first runs
                 totals.append(elapsed)
                 outside.append((elapsed - timed.seconds) / elapsed)
-    return float(np.median(totals)), float(np.median(outside))
+                probes.append(probe)
+    return totals, outside, probes
+
+
+def path_figures(key, flops, totals, probes):
+    """The JSON figures of one path from its per-step seconds and probes."""
+    import numpy as np
+    seconds = float(np.median(totals))
+    shares = [flops / s / 1e9 / p for s, p in zip(totals, probes)]
+    return {f"s_per_step_{key}": seconds, f"tflop_per_step_{key}": flops / 1e12,
+            f"gflops_{key}": flops / seconds / 1e9, f"peak_frac_{key}": float(np.median(shares)),
+            f"matmul_gflops_{key}": float(np.median(probes))}
 
 
 def main(argv=None):
@@ -217,7 +245,7 @@ def main(argv=None):
     import train
     tf1 = tf.compat.v1
 
-    matmul = matmul_gflops(threads)
+    yardstick = Yardstick()
     graph = tf.Graph()
     with graph.as_default():  # FLOPs from the tuned graph's static shapes either way
         tf1.set_random_seed(cfg.train.seed)
@@ -236,19 +264,19 @@ def main(argv=None):
     graph.finalize()
     result = {"config": args.config, "overrides": args.set, "threads": threads,
               "untuned": args.untuned,
-              "matmul_gflops": matmul, "g_fwd_gflop_per_img": g_fwd / 1e9,
-              "d_fwd_gflop_per_img": d_fwd / 1e9}
+              "g_fwd_gflop_per_img": g_fwd / 1e9, "d_fwd_gflop_per_img": d_fwd / 1e9}
     with graph.as_default():
         for path in ("B", "A"):
-            seconds, outside = time_steps(cfg, graph, g, sess, path, args.steps,
-                                          first_step=1 if path == "B" else 1000)
-            achieved = flops[path] / seconds / 1e9
+            totals, outside, probes = time_steps(cfg, graph, g, sess, path, args.steps,
+                                                 first_step=1 if path == "B" else 1000,
+                                                 yardstick=yardstick)
             key = path.lower()
-            result.update({f"s_per_step_{key}": seconds, f"tflop_per_step_{key}": flops[path] / 1e12,
-                           f"gflops_{key}": achieved, f"peak_frac_{key}": achieved / matmul,
-                           f"outside_run_frac_{key}": outside})
+            result.update(path_figures(key, flops[path], totals, probes))
+            result[f"outside_run_frac_{key}"] = float(np.median(outside))
         result["imgs_per_s"] = cfg.train.batch_size / result["s_per_step_b"]
         result["outside_run_frac"] = result["outside_run_frac_b"]
+        result["matmul_gflops"] = float(np.median(yardstick.readings))
+        result["matmul_range"] = [min(yardstick.readings), max(yardstick.readings)]
         result.update(time_outputs(sess, g, cfg))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_table(result)
@@ -283,10 +311,16 @@ class _NullWriter:
         pass
 
 
+def matmul_text(r):
+    low, high = r["matmul_range"]
+    return (f"{r['matmul_gflops']:.0f} GFLOP/s (median of the probes before the steps; "
+            f"{low:.0f}-{high:.0f})")
+
+
 def print_table(r):
     rows = [
         ("threads", f"{r['threads']}"),
-        ("NumPy float32 matmul", f"{r['matmul_gflops']:.0f} GFLOP/s"),
+        ("NumPy float32 matmul", matmul_text(r)),
         ("forward per image, G / D", f"{r['g_fwd_gflop_per_img']:.3f} / {r['d_fwd_gflop_per_img']:.3f} GFLOP"),
     ]
     for path in ("b", "a"):
@@ -294,7 +328,7 @@ def print_table(r):
             (f"path {path.upper()}: FLOPs per step", f"{r[f'tflop_per_step_{path}']:.3f} TFLOP"),
             (f"path {path.upper()}: seconds per step", f"{r[f's_per_step_{path}']:.3f} s (median)"),
             (f"path {path.upper()}: achieved", f"{r[f'gflops_{path}']:.0f} GFLOP/s = "
-                                               f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul"),
+                                               f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul (median per step)"),
             (f"path {path.upper()}: outside session.run", f"{100 * r[f'outside_run_frac_{path}']:.1f}% of the step"),
         ]
     rows += [

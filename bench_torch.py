@@ -257,8 +257,8 @@ class Step:
 
 # ---------------------------------------------------------------- timing
 
-def time_steps(cfg, step, path, steps, first_step):
-    """Median seconds of `steps` steps on `path`, after 2 warm-up steps.
+def time_steps(cfg, step, path, steps, first_step, yardstick):
+    """Seconds of `steps` steps on `path` after 2 warm-up steps, and the probe before each.
 
     Each step draws its batch, augmentation and latents as train.run_step does,
     so the NumPy work inside bench.py's timed steps is inside these too.
@@ -271,8 +271,9 @@ def time_steps(cfg, step, path, steps, first_step):
     tiles = np.random.default_rng(0).integers(
         0, 256, (max(4 * t.batch_size, 256), side, side, m.channels), np.uint8)
     batches = data.Batches(tiles, [""] * len(tiles), t.batch_size, side, t.seed)
-    totals = []
+    totals, probes = [], []
     for i in range(steps + 2):
+        probe = yardstick.probe()  # as bench.time_steps
         start = time.perf_counter()
         rng = np.random.default_rng([t.seed, first_step + i])
         reals = data.random_crops(batches.get(first_step + i - 1), m.image_size, rng)
@@ -282,7 +283,8 @@ def time_steps(cfg, step, path, steps, first_step):
         step(reals, z, path)
         if i >= 2:  # warm-up: oneDNN picks and caches its kernels in the first runs
             totals.append(time.perf_counter() - start)
-    return float(np.median(totals))
+            probes.append(probe)
+    return totals, probes
 
 
 def main(argv=None):
@@ -296,21 +298,22 @@ def main(argv=None):
     torch.manual_seed(cfg.train.seed)
     m, B = cfg.model, cfg.train.batch_size
 
+    import numpy as np
     step = Step(cfg)
-    matmul = bench.matmul_gflops(threads)
+    yardstick = bench.Yardstick()
     g_fwd, g_first = forward_flops(step.gen, torch.zeros(1, m.z_dim))
     d_fwd, d_first = forward_flops(step.disc, torch.zeros(1, m.channels, m.image_size, m.image_size))
     flops = bench.step_flops(g_fwd, g_first, d_fwd, d_first, B)
     result = {"config": args.config, "overrides": args.set, "threads": threads,
               "torch_version": torch.__version__, "channels_last": CHANNELS_LAST,
-              "matmul_gflops": matmul, "g_fwd_gflop_per_img": g_fwd / 1e9,
+              "g_fwd_gflop_per_img": g_fwd / 1e9,
               "d_fwd_gflop_per_img": d_fwd / 1e9}
     for path in ("B", "A"):
-        seconds = time_steps(cfg, step, path, args.steps, first_step=1 if path == "B" else 1000)
-        achieved = flops[path] / seconds / 1e9
-        key = path.lower()
-        result.update({f"s_per_step_{key}": seconds, f"tflop_per_step_{key}": flops[path] / 1e12,
-                       f"gflops_{key}": achieved, f"peak_frac_{key}": achieved / matmul})
+        totals, probes = time_steps(cfg, step, path, args.steps,
+                                    first_step=1 if path == "B" else 1000, yardstick=yardstick)
+        result.update(bench.path_figures(path.lower(), flops[path], totals, probes))
+    result["matmul_gflops"] = float(np.median(yardstick.readings))
+    result["matmul_range"] = [min(yardstick.readings), max(yardstick.readings)]
     result["imgs_per_s"] = B / result["s_per_step_b"]
     print_table(result)
     if args.json:
@@ -322,13 +325,13 @@ def main(argv=None):
 def print_table(r):
     rows = [("PyTorch", f"{r['torch_version']}, {r['threads']} threads, "
                         f"{'channels_last' if r['channels_last'] else 'NCHW'}"),
-            ("NumPy float32 matmul", f"{r['matmul_gflops']:.0f} GFLOP/s"),
+            ("NumPy float32 matmul", bench.matmul_text(r)),
             ("forward per image, G / D",
              f"{r['g_fwd_gflop_per_img']:.3f} / {r['d_fwd_gflop_per_img']:.3f} GFLOP")]
     for path in ("b", "a"):
         rows += [(f"path {path.upper()}: seconds per step", f"{r[f's_per_step_{path}']:.3f} s (median)"),
                  (f"path {path.upper()}: achieved", f"{r[f'gflops_{path}']:.0f} GFLOP/s = "
-                                                    f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul")]
+                                                    f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul (median per step)")]
     rows.append(("images per second (path B)", f"{r['imgs_per_s']:.1f}"))
     width = max(len(name) for name, _ in rows)
     print(f"bench_torch: {r['config']} {' '.join(r['overrides'])}".rstrip())

@@ -96,6 +96,40 @@ def _nothing():
     return contextlib.nullcontext()
 
 
+def test_a_steps_share_of_peak_is_over_the_probe_just_before_it():
+    # The machine halves its speed for the second step: the yardstick does too,
+    # so both steps ran at the full share, which a run-wide figure would hide.
+    figures = bench.path_figures("b", 100e9, totals=[1.0, 2.0], probes=[100.0, 50.0])
+    assert figures["peak_frac_b"] == pytest.approx(1.0)
+    assert figures["gflops_b"] == pytest.approx(100 / 1.5)
+    assert figures["matmul_gflops_b"] == pytest.approx(75.0)
+
+
+def test_the_yardstick_is_probed_before_every_step():
+    class Clock:  # probe i reads 100 + i
+        readings = []
+
+        def probe(self):
+            self.readings.append(100.0 + len(self.readings))
+            return self.readings[-1]
+
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
+    graph = tf.Graph()
+    with graph.as_default():
+        g = train.build_graph(cfg)
+    sess = tf1.Session(graph=graph)
+    sess.run(g["init_op"])
+    clock = Clock()
+    totals, outside, probes = bench.time_steps(cfg, graph, g, sess, "B", 2, 1, clock)
+    assert len(clock.readings) == 4  # two warm-up steps, two timed
+    assert probes == clock.readings[2:] and len(totals) == len(outside) == 2
+
+
+def test_the_yardstick_reads_numpys_matmul():
+    yardstick = bench.Yardstick(128)
+    assert yardstick.probe(2) > 0 and len(yardstick.readings) == 1
+
+
 def test_bench_prints_the_table_and_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script("bench.py", "--config", "configs/smoke.json", "--steps", "2",
@@ -105,3 +139,5 @@ def test_bench_prints_the_table_and_writes_its_json(tmp_path):
     for key in ("s_per_step_b", "s_per_step_a", "peak_frac_b", "imgs_per_s", "matmul_gflops",
                 "outside_run_frac", "peak_rss_mb", "sample_dump_s", "checkpoint_s"):
         assert figures[key] > 0, key
+    low, high = figures["matmul_range"]
+    assert low <= figures["matmul_gflops"] <= high
