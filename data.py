@@ -284,11 +284,22 @@ class Batches:
 
 # ---------------------------------------------------------------- pictures out
 
-def image_grid(images_u8, gap=2):
-    """[N, H, W, C] -> one uint8 picture, about square, with a thin white gap."""
+def grid_columns(n):
+    """Columns of an about square grid of n pictures with no ragged last row where
+    a divisor of n allows it (32 -> 8 x 4, 64 -> 8 x 8, 31 -> 6 + ragged)."""
+    square = int(np.ceil(np.sqrt(n)))
+    for cols in range(square, 2 * square + 1):
+        if n % cols == 0:
+            return cols
+    return square
+
+
+def image_grid(images_u8, gap=2, cols=None):
+    """[N, H, W, C] -> one uint8 picture, row-major, `cols` per row (default
+    `grid_columns`), with thin white gaps."""
     n, h, w, c = images_u8.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
+    cols = cols or grid_columns(n)
+    rows = -(-n // cols)
     grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
     for i, img in enumerate(images_u8):
         r, col = divmod(i, cols)

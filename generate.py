@@ -162,13 +162,7 @@ def upscale(images_u8, min_px):
 
 def tile_grid(images_u8, cols, gap=GAP_PX):
     """[N, H, W, 3] -> one picture, `cols` tiles per row in row-major order, white gaps."""
-    n, h, w, c = images_u8.shape
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
-    for i, img in enumerate(images_u8):
-        top, left = cell_origin(i // cols, i % cols, h, gap)
-        grid[top:top + h, left:left + w] = img
-    return grid
+    return data.image_grid(images_u8, gap, cols)
 
 
 def cell_origin(row, col, cell_px, gap=GAP_PX):

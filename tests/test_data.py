@@ -213,3 +213,14 @@ def test_train_refuses_bad_tiles_before_writing_anything(tmp_path):
     assert "gray.png" in proc.stderr and "grayscale" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n, shape", [(64, (8, 8)), (32, (4, 8)), (36, (6, 6)), (12, (3, 4)),
+                                      (31, (6, 6))])
+def test_sample_grids_have_no_ragged_row_when_a_divisor_allows(n, shape):
+    tiles = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    grid = data.image_grid(tiles, gap=1)
+    rows, cols = shape
+    assert grid.shape == (rows * 3 - 1, cols * 3 - 1, 3)
+    assert grid[0, 3 * (cols - 1)].tolist() == [cols - 1] * 3  # row-major: tile cols-1 ends row 0
+    assert grid[3, 0].tolist() == [cols] * 3
