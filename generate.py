@@ -52,7 +52,7 @@ PROGRESS_EVERY_S = 10.0  # otherwise a line every 10% done or this often
 def inference_images(z_in, m):
     """uint8 images [N, S, S, 3] of the generator in inference mode, for latents z_in."""
     fakes = model.generator(z_in, tf.constant(False), **vars(m))  # [N, S, S, 3] in -1..1
-    return tf.image.convert_image_dtype((fakes + 1.0) / 2.0, tf.uint8, saturate=True)
+    return model.to_u8(fakes)
 
 
 def architecture_differences(graph, prefix):

@@ -85,8 +85,7 @@ def build_graph(cfg):
     g["reals_in"] = reals
     kw = dict(vars(m))
     g["fakes_out"] = model.generator(g["z_in"], g["is_training_in"], **kw)  # [B, S, S, C]
-    g["fakes_u8_out"] = tf.image.convert_image_dtype(
-        (g["fakes_out"] + 1.0) / 2.0, tf.uint8, saturate=True)
+    g["fakes_u8_out"] = model.to_u8(g["fakes_out"])  # the same pixels as to_u8 below
 
     # Lesson 33-35: cached fakes, stored as uint8 like the reals, replace part of the fake half.
     mask = g["history_mask_in"][:, None, None, None]
@@ -577,7 +576,10 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
 
 
 def to_u8(image):
-    """-1..1 float image -> uint8 0..255, the range the real path is fed with (Lesson 35)."""
+    """-1..1 float image -> uint8 0..255, the range the real path is fed with (Lesson 35).
+
+    The same rounding as the graph's model.to_u8, so a cached history image and
+    a sample PNG of the same fake hold the same pixels."""
     return np.clip(np.round((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import config
+import model
 import data
 import train
 from conftest import ROOT, run_script, write_tiles
@@ -245,6 +246,18 @@ def test_reals_are_scaled_exactly_once_to_minus_one_one():
     fed = sess.run(g["reals_in"], {g["reals_u8_in"]: reals})
     assert fed[0].min() == -1.0 and fed[1].max() == 1.0
     np.testing.assert_allclose(fed, reals / 127.5 - 1.0, atol=1e-6)
+
+
+def test_a_fake_becomes_the_same_pixels_in_the_graph_and_in_numpy():
+    # A history image (NumPy) and a sample PNG (graph) of one fake must agree;
+    # convert_image_dtype truncated x * 255.5, which made 0.0 grey level 127, not 128.
+    values = np.array([-1.2, -1.0, -0.999, -0.5, 0.0, 1 / 255, 0.5, 0.999, 1.0, 1.3], np.float32)
+    values = np.concatenate([values, np.random.default_rng(0).uniform(-1, 1, 1000)]).astype(np.float32)
+    with tf.Graph().as_default():
+        x = tf1.placeholder(tf.float32, [None])
+        in_graph = tf1.Session().run(model.to_u8(x), {x: values})
+    assert in_graph.tolist() == train.to_u8(values).tolist()
+    assert train.to_u8(np.float32([0.0, -1.0, 1.0])).tolist() == [128, 0, 255]
 
 
 def test_history_images_reach_d_in_the_real_paths_range():
