@@ -158,16 +158,9 @@ def _fit(rgb, size):
 
 # ---------------------------------------------------------------- loading a set
 
-def load_tiles(path, split="train", image_size=64, grayscale="error", bad_files="error",
-               min_count=1, keep_pixels=True, log=print):
-    """All tiles as uint8 [N, S, S, 3] (or the file list only, keep_pixels=False).
-
-    Every file is read and checked before training starts; all problems are
-    reported together. Returns (tiles_or_None, files).
-    """
-    files = find_images(path, split)
+def read_files(files, image_size, grayscale="error", keep_pixels=True):
+    """Read and check every file, in parallel: (uint8 [N, S, S, 3] or None, {index: problem})."""
     tiles = np.empty((len(files), image_size, image_size, 3), np.uint8) if keep_pixels else None
-    problems, skipped = [], []
 
     def read(i):
         try:
@@ -179,18 +172,31 @@ def load_tiles(path, split="train", image_size=64, grayscale="error", bad_files=
         return i, None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, problem in pool.map(read, range(len(files))):
-            if problem is None:
-                continue
-            unreadable = problem.startswith("cannot be read")
-            if unreadable and bad_files == "skip":
-                skipped.append(i)
-            else:
-                problems.append(f"{files[i]}: {problem}")
+        problems = {i: problem for i, problem in pool.map(read, range(len(files))) if problem}
+    return tiles, problems
+
+
+def listing(lines):
+    """The first MAX_LISTED lines, indented, and how many more there are."""
+    more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+    return "  " + "\n  ".join(lines[:MAX_LISTED]) + more
+
+
+def load_tiles(path, split="train", image_size=64, grayscale="error", bad_files="error",
+               min_count=1, keep_pixels=True, log=print):
+    """All tiles as uint8 [N, S, S, 3] (or the file list only, keep_pixels=False).
+
+    Every file is read and checked before training starts; all problems are
+    reported together. Returns (tiles_or_None, files).
+    """
+    files = find_images(path, split)
+    tiles, found = read_files(files, image_size, grayscale, keep_pixels)
+    skipped = sorted(i for i, problem in found.items()
+                     if bad_files == "skip" and problem.startswith("cannot be read"))
+    problems = [f"{files[i]}: {found[i]}" for i in sorted(found) if i not in skipped]
     if problems:
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} of {len(files)} files under '{path}' cannot be used:\n  "
-                        + "\n  ".join(problems[:MAX_LISTED]) + more)
+        raise DataError(f"{len(problems)} of {len(files)} files under '{path}' cannot be used:\n"
+                        + listing(problems))
     if skipped:
         names = ", ".join(files[i] for i in skipped[:MAX_LISTED])
         log(f"skipped {len(skipped)} unreadable files (data.bad_files=skip): {names}")

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -122,27 +121,6 @@ def native_side(file):
         raise data.DataError(f"{file}: cannot be read as an image ({e})") from None
 
 
-def read_files(files, image_size, what):
-    """uint8 [N, S, S, 3]; every unusable file is named in one DataError."""
-    tiles = np.empty((len(files), image_size, image_size, 3), np.uint8)
-
-    def read(i):
-        try:
-            tiles[i] = data.read_tile(files[i], image_size)
-        except data.TileError as e:
-            return f"{files[i]}: {e}"
-        return None
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        problems = [p for p in pool.map(read, range(len(files))) if p]
-    if problems:
-        more = f"\n  ... and {len(problems) - data.MAX_LISTED} more" \
-            if len(problems) > data.MAX_LISTED else ""
-        raise data.DataError(f"{len(problems)} of {len(files)} {what} images cannot be used:\n  "
-                             + "\n  ".join(problems[:data.MAX_LISTED]) + more)
-    return tiles
-
-
 def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None):
     """(uint8 [N, S, S, 3], description): up to n files, a seeded sample, at image_size.
 
@@ -168,7 +146,10 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     if side != read_size and notes is not None:
         notes.append(f"{what}: {side}x{side} images area-averaged to {read_size}x{read_size} "
                      f"to match the {'run' if read_size > image_size else 'fakes'}")
-    tiles = read_files(files, read_size, what)
+    tiles, problems = data.read_files(files, read_size)
+    if problems:
+        raise data.DataError(f"{len(problems)} of {len(files)} {what} images cannot be used:\n"
+                             + data.listing([f"{files[i]}: {p}" for i, p in sorted(problems.items())]))
     if read_size > image_size and notes is not None:
         notes.append(f"{what}: one seeded {image_size}x{image_size} window of each "
                      f"{read_size}x{read_size} image, as the run trained (data.load_size)")
