@@ -64,6 +64,11 @@ class Yardstick:
         self.readings.append(gflops)
         return gflops
 
+    def figures(self):
+        import numpy as np
+        return {"matmul_gflops": float(np.median(self.readings)),
+                "matmul_range": [min(self.readings), max(self.readings)]}
+
 
 # ---------------------------------------------------------------- FLOPs from shapes
 
@@ -275,8 +280,7 @@ def main(argv=None):
             result[f"outside_run_frac_{key}"] = float(np.median(outside))
         result["imgs_per_s"] = cfg.train.batch_size / result["s_per_step_b"]
         result["outside_run_frac"] = result["outside_run_frac_b"]
-        result["matmul_gflops"] = float(np.median(yardstick.readings))
-        result["matmul_range"] = [min(yardstick.readings), max(yardstick.readings)]
+        result.update(yardstick.figures())
         result.update(time_outputs(sess, g, cfg))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_table(result)

@@ -298,7 +298,6 @@ def main(argv=None):
     torch.manual_seed(cfg.train.seed)
     m, B = cfg.model, cfg.train.batch_size
 
-    import numpy as np
     step = Step(cfg)
     yardstick = bench.Yardstick()
     g_fwd, g_first = forward_flops(step.gen, torch.zeros(1, m.z_dim))
@@ -312,8 +311,7 @@ def main(argv=None):
         totals, probes = time_steps(cfg, step, path, args.steps,
                                     first_step=1 if path == "B" else 1000, yardstick=yardstick)
         result.update(bench.path_figures(path.lower(), flops[path], totals, probes))
-    result["matmul_gflops"] = float(np.median(yardstick.readings))
-    result["matmul_range"] = [min(yardstick.readings), max(yardstick.readings)]
+    result.update(yardstick.figures())
     result["imgs_per_s"] = B / result["s_per_step_b"]
     print_table(result)
     if args.json:
