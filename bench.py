@@ -321,6 +321,11 @@ def matmul_text(r):
             f"{low:.0f}-{high:.0f})")
 
 
+def achieved_text(r, path):
+    return (f"{r[f'gflops_{path}']:.0f} GFLOP/s = "
+            f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul (median per step)")
+
+
 def print_table(r):
     rows = [
         ("threads", f"{r['threads']}"),
@@ -331,8 +336,7 @@ def print_table(r):
         rows += [
             (f"path {path.upper()}: FLOPs per step", f"{r[f'tflop_per_step_{path}']:.3f} TFLOP"),
             (f"path {path.upper()}: seconds per step", f"{r[f's_per_step_{path}']:.3f} s (median)"),
-            (f"path {path.upper()}: achieved", f"{r[f'gflops_{path}']:.0f} GFLOP/s = "
-                                               f"{100 * r[f'peak_frac_{path}']:.0f}% of matmul (median per step)"),
+            (f"path {path.upper()}: achieved", achieved_text(r, path)),
             (f"path {path.upper()}: outside session.run", f"{100 * r[f'outside_run_frac_{path}']:.1f}% of the step"),
         ]
     rows += [
