@@ -53,7 +53,7 @@ def test_run_folder_holds_every_promised_output(smoke_run):
     assert samples == [f"step-{s:06d}.png" for s in (10, 20, 30, 40)]  # Lesson 10
     from PIL import Image
     grid = Image.open(os.path.join(smoke_run, "samples", samples[0]))
-    assert grid.size == (3 * 16 + 2 * 2, 3 * 16 + 2 * 2)  # batch 8 -> 3x3 grid with gaps
+    assert grid.size == (4 * 16 + 3 * 2, 2 * 16 + 2)  # batch 8 -> 4 x 2 grid with gaps
 
     ckpt_dir = os.path.join(smoke_run, "checkpoints")
     assert tf.train.latest_checkpoint(ckpt_dir).endswith("model-40")
