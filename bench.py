@@ -37,12 +37,11 @@ def parse_args(argv):
 class Yardstick:
     """NumPy's float32 matrix-product GFLOP/s, probed between timed steps.
 
-    On the 2-core machine a start-up figure moved by a factor of two between
-    runs (153 to 315 GFLOP/s) while steps of one run kept their pace, so a
-    share of peak against it said more about the moment than about the graph.
-    A short probe before every timed step follows the machine instead: a
-    step's share is its GFLOP/s over the probe just before it. Each probe is
-    the best of a few products (a product is about 0.05 s here).
+    A step's share of peak is its GFLOP/s over the probe taken just before it,
+    so the two are measured in the same minutes. Each probe is the best of a
+    few products (about 0.05 s each here). On the 2-core machine the probes
+    of one run still read either ~135 or ~300 GFLOP/s (the README says so):
+    the share is a rough figure, achieved GFLOP/s the steadier one.
     """
 
     def __init__(self, size=2048):

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import config
-import model
 import data
+import model
 import train
 from conftest import ROOT, run_script, write_tiles
 
@@ -251,8 +251,8 @@ def test_reals_are_scaled_exactly_once_to_minus_one_one():
 def test_a_fake_becomes_the_same_pixels_in_the_graph_and_in_numpy():
     # A history image (NumPy) and a sample PNG (graph) of one fake must agree;
     # convert_image_dtype truncated x * 255.5, which made 0.0 grey level 127, not 128.
-    values = np.array([-1.2, -1.0, -0.999, -0.5, 0.0, 1 / 255, 0.5, 0.999, 1.0, 1.3], np.float32)
-    values = np.concatenate([values, np.random.default_rng(0).uniform(-1, 1, 1000)]).astype(np.float32)
+    edges = [-1.2, -1.0, -0.999, -0.5, 0.0, 1 / 255, 0.5, 0.999, 1.0, 1.3]
+    values = np.concatenate([edges, np.random.default_rng(0).uniform(-1, 1, 1000)]).astype(np.float32)
     with tf.Graph().as_default():
         x = tf1.placeholder(tf.float32, [None])
         in_graph = tf1.Session().run(model.to_u8(x), {x: values})
