@@ -64,6 +64,31 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
     assert not np.allclose(before, sess.run(kernel))
 
 
+
+def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32():
+    """The ops a bf16 D update runs, as TensorFlow executed them after its rewrites."""
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), ["run.mixed_precision=bf16"])
+    graph = tf.Graph()
+    with graph.as_default():
+        g = train.build_graph(cfg)
+    sess = tf1.Session(graph=graph, config=train.session_config(cfg))
+    sess.run(g["init_op"])
+    feed = {g["reals_u8_in"]: np.zeros((8, 16, 16, 3), np.uint8),
+            g["z_in"]: np.zeros((8, 16), np.float32)}
+    metadata = tf1.RunMetadata()
+    sess.run(g["d_total_op"], feed, options=tf1.RunOptions(output_partition_graphs=True),
+             run_metadata=metadata)
+    types = {}
+    for node in (n for graph_def in metadata.partition_graphs for n in graph_def.node):
+        if "T" in node.attr:
+            types.setdefault(node.op, set()).add(tf.dtypes.as_dtype(node.attr["T"].type))
+    if not any(tf.bfloat16 in t for t in types.values()):
+        pytest.skip("TensorFlow does not rewrite to bf16 on this CPU")
+    convs = set().union(*(t for op, t in types.items() if "Conv2D" in op))
+    norms = set().union(*(t for op, t in types.items() if "BatchNorm" in op))
+    assert convs == {tf.bfloat16}
+    assert norms == {tf.float32}
+
 def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_norm():
     """bench.py --untuned: the 'before' row times the same variables and arithmetic."""
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
