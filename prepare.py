@@ -3,9 +3,10 @@
     python prepare.py SOURCE... --out DIR        (python prepare.py --help for the details)
 
 Writes DIR/train/*.png, DIR/holdout/*.png and DIR/manifest.csv (file,source,x,y,split).
-Everything is checked before the first tile is cut, and the output is built in a sibling
-folder that replaces DIR's outputs only when all went well, so a bad input never leaves a
-half-written DIR behind.
+Options, paths and image headers are checked before the first tile is cut; pixels (a
+truncated file, a band without variation) when their scene is tiled. The output is built in a
+sibling folder that replaces DIR's outputs only when all went well and some tile went to train,
+so a bad input never leaves a half-written or empty DIR behind.
 """
 import argparse
 import contextlib
@@ -26,6 +27,7 @@ from PIL import Image
 
 SPLITS = ("train", "holdout")
 OUTPUTS = (*SPLITS, "manifest.csv")     # what --overwrite replaces in DIR; nothing else
+MANIFEST_COLUMNS = ("file", "source", "x", "y", "split")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 BAND_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}   # single-band 16/32-bit: stretched bands
 GRAY_MODES = {"1", "L", "LA", "La"}
@@ -56,6 +58,9 @@ tile even when --stride is smaller than --source-tile.
 
 Output: DIR/train/*.png, DIR/holdout/*.png, DIR/manifest.csv with columns
 file (relative to DIR), source, x, y (top-left pixel in the source), split.
+DIR must lie outside every SOURCE folder. A run that keeps no tile for training
+(e.g. every tile had no-data pixels) is an error and writes nothing. A band file
+without variation (every pixel the same value) cannot be stretched: an error.
 
 examples:
   # natural-colour Landsat-8 (R=B4, G=B3, B=B2), two scenes (bash)
@@ -87,6 +92,7 @@ class Counts:
     uniform: int = 0      # tiles below --min-std
     block_edge: int = 0   # tiles crossing a holdout block edge
     too_small: int = 0    # scenes or files smaller than --source-tile
+    first_too_small: tuple | None = None  # (source, (width, height)) of the first of them
 
 
 def log(message):
@@ -174,15 +180,15 @@ class BandPixels:
     """Three single-band rasters (red, green, blue). Each is stretched to 0..255 between
     percentiles computed once over the whole scene, so all its tiles share one stretch."""
 
-    def __init__(self, bands, nodata, percentiles):
+    def __init__(self, bands, paths, nodata, percentiles):
         self.bands = bands      # 3 x (H, W) integers
         self.nodata = nodata
-        self.limits = stretch_limits(bands, nodata, percentiles)
+        self.limits = stretch_limits(bands, paths, nodata, percentiles)
 
     def rgb_rows(self, y0, y1):
         rgb = np.empty((y1 - y0, self.bands[0].shape[1], 3), np.uint8)
         for c, (band, (low, high)) in enumerate(zip(self.bands, self.limits)):
-            scale = 255 / (high - low) if high > low else 1.0
+            scale = 255 / (high - low)
             rgb[..., c] = np.clip((band[y0:y1].astype(np.float32) - low) * scale, 0, 255).round()
         return rgb
 
@@ -192,9 +198,10 @@ class BandPixels:
         return np.logical_and.reduce([band[y0:y1] == self.nodata for band in self.bands])
 
 
-def stretch_limits(bands, nodata, percentiles):
+def stretch_limits(bands, paths, nodata, percentiles):
     """Per band (low, high) at the given percentiles of the valid pixels. A strided subsample
-    of about STRETCH_SAMPLE_PX pixels keeps this cheap on big scenes."""
+    of about STRETCH_SAMPLE_PX pixels keeps this cheap on big scenes. A band whose low and
+    high coincide cannot be stretched (it would come out black): an error naming its file."""
     height, width = bands[0].shape
     step = max(1, math.ceil(math.sqrt(height * width / STRETCH_SAMPLE_PX)))
     samples = np.stack([band[::step, ::step].ravel() for band in bands])  # (3, n)
@@ -202,13 +209,33 @@ def stretch_limits(bands, nodata, percentiles):
         samples = samples[:, ~np.all(samples == nodata, axis=0)]
     if samples.shape[1] == 0:
         return [(0, 1)] * 3      # all no data: every tile is dropped anyway
-    return [tuple(np.percentile(sample, percentiles)) for sample in samples]
+    limits = []
+    for band, path, sample in zip(bands, paths, samples):
+        low, high = np.percentile(sample, percentiles)
+        if high <= low:
+            raise flat_band(path, band, bands, nodata, low, percentiles)
+        limits.append((low, high))
+    return limits
+
+
+def flat_band(path, band, bands, nodata, value, percentiles):
+    """The error for a band that cannot be stretched: constant, or nearly so."""
+    if nodata is not None:      # judged on every pixel with data, not only on the subsample
+        band = band[~np.logical_and.reduce([b == nodata for b in bands])]
+    if band.min() == band.max():
+        return PrepareError(f"{path}: every pixel with data holds the same value ({value:g}), "
+                            f"so the band cannot be stretched to 0..255; check that this is the "
+                            f"right band file, or leave this scene out")
+    low, high = percentiles
+    return PrepareError(f"{path}: its {low:g} and {high:g} percentiles are both {value:g} (most "
+                        f"pixels hold this one value), so the band cannot be stretched between "
+                        f"them; widen --percentiles (e.g. --percentiles 0 100)")
 
 
 def open_pixels(scene, args):
     if len(scene.paths) == 3:
         bands = [np.asarray(load_image(path)) for path in scene.paths]
-        return BandPixels(bands, args.nodata, args.percentiles)
+        return BandPixels(bands, scene.paths, args.nodata, args.percentiles)
     return ImagePixels(load_image(scene.paths[0]), args.nodata)
 
 
@@ -263,17 +290,35 @@ def check_band_groups_complete(bands, before=None):
                            f"list three band files per scene")
 
 
-def image_files(folder, out):
-    """Image files below `folder`, sorted, leaving out hidden files and the --out folder (a
-    re-run with --overwrite must not read its own earlier tiles)."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-                  and p.is_file() and out not in p.resolve().parents)
+def is_prepare_manifest(path):
+    """Whether `path` is a manifest.csv written by prepare.py (judged by its header)."""
+    try:
+        with open(path, newline="", errors="replace") as f:
+            return next(csv.reader(f), None) == list(MANIFEST_COLUMNS)
+    except OSError:
+        return False
+
+
+def image_files(folder):
+    """Image files below `folder`, sorted, leaving out hidden files. The output of an earlier
+    run below it is refused: its tiles would be tiled again (a folder that is itself such an
+    output, named on purpose, is fine)."""
+    files = []
+    for path in folder.rglob("*"):
+        if path.name == "manifest.csv" and path.parent != folder and is_prepare_manifest(path):
+            raise PrepareError(f"{path.parent}: the output of an earlier prepare.py run lies "
+                               f"inside the source folder {folder}, and its tiles would be tiled "
+                               f"again; move it out of {folder}, or name as SOURCEs only the "
+                               f"folders to tile")
+        if (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+                and path.is_file()):
+            files.append(path)
+    return sorted(files)
 
 
 def folder_scenes(folder, args, taken):
     """Each image file below `folder` is a scene of its own; the holdout takes whole files."""
-    files = image_files(folder, args.out.resolve())
+    files = image_files(folder)
     if not files:
         raise PrepareError(f"{folder}: no PNG, JPEG or TIFF files found (searched recursively); "
                            f"check the folder")
@@ -404,6 +449,7 @@ def tile_scene(scene, args, out, manifest, counts, progress):
     src = args.source_tile
     if width < src or height < src:
         counts.too_small += 1
+        counts.first_too_small = counts.first_too_small or (scene.source, scene.size)
         return
     pixels = open_pixels(scene, args)
     cell = math.gcd(args.stride, src)
@@ -454,7 +500,7 @@ def write_tiles(scenes, out, args):
         (out / split).mkdir()
     with open(out / "manifest.csv", "w", newline="") as f:
         manifest = csv.writer(f)
-        manifest.writerow(["file", "source", "x", "y", "split"])
+        manifest.writerow(MANIFEST_COLUMNS)
         for i, scene in enumerate(scenes, 1):
             if scene.holdout is None:
                 counts.scenes += 1
@@ -467,6 +513,25 @@ def write_tiles(scenes, out, args):
 
 
 # ---------------------------------------------------------------- output folder
+
+def check_out_apart(sources, out):
+    """Refuse an --out that a source folder holds (the next run on that folder would tile
+    these tiles again), and a source that this run's outputs would replace."""
+    out_path = out.resolve()
+    for source in sources:
+        path = Path(source).resolve()
+        if path.is_dir() and (out_path == path or path in out_path.parents):
+            where = "is the source folder itself" if out_path == path else \
+                f"lies inside the source folder {source}"
+            raise PrepareError(f"{out}: --out {where}, so its tiles would be mixed with the "
+                               f"source images; choose an --out outside {source}")
+        for name in OUTPUTS:
+            replaced = out_path / name
+            if path == replaced or replaced in path.parents:
+                raise PrepareError(f"{source}: lies inside {out / name}, which a run with --out "
+                                   f"{out} replaces; choose another --out, or move the source "
+                                   f"out of {out}")
+
 
 def check_out(out, overwrite):
     if out.exists() and not out.is_dir():
@@ -495,10 +560,44 @@ def prepare(scenes, args):
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         counts = write_tiles(scenes, staging, args)
+        check_kept(counts, scenes, args)
         publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return counts
+
+
+def check_kept(counts, scenes, args):
+    """Refuse to publish a tile folder that training cannot use: no tile at all, or none for
+    training. The error says why, so the user can fix the options or the imagery."""
+    if counts.kept["train"]:
+        return
+    where = scenes[0].source if len(scenes) == 1 else f"any of the {len(scenes):,} scenes/files"
+    if counts.kept["holdout"]:
+        block = ", use a smaller --block" if any(s.holdout is None for s in scenes) else ""
+        raise PrepareError(f"all {counts.kept['holdout']:,} tile(s) from {where} went to the "
+                           f"holdout and none to train; lower --holdout {args.holdout:g}{block} "
+                           f"or add imagery; nothing was written")
+    reasons = []
+    if counts.too_small:
+        source, (width, height) = counts.first_too_small
+        more = f" (and {counts.too_small - 1:,} more)" if counts.too_small > 1 else ""
+        reasons.append(f"{source}{more} is {width} x {height} pixels, smaller than --source-tile "
+                       f"{args.source_tile}: choose a smaller --source-tile and --tile")
+    if counts.no_data:
+        only_reason = not (counts.uniform or counts.block_edge)
+        every = "every tile" if only_reason else f"{counts.no_data:,} tiles"
+        marks = "alpha 0" if args.nodata is None else \
+            f"all bands equal to --nodata {args.nodata}, or alpha 0"
+        reasons.append(f"{every} had no-data pixels ({marks}): check that the imagery holds "
+                       f"data, or set --nodata to its no-data value ('none' turns it off)")
+    if counts.uniform:
+        reasons.append(f"{counts.uniform:,} tiles were near-uniform: lower --min-std "
+                       f"{args.min_std:g}")
+    if counts.block_edge:
+        reasons.append(f"{counts.block_edge:,} tiles crossed a holdout block edge: use a larger "
+                       f"--block or --holdout 0")
+    raise PrepareError(f"no tile kept from {where}: {'; '.join(reasons)}; nothing was written")
 
 
 def summary(counts, out):
@@ -531,7 +630,8 @@ def parse_args(argv=None):
         epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="8-bit image, single-band file (three per scene) or folder of tiles")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output folder, outside every SOURCE folder")
     p.add_argument("--tile", type=int, default=64, metavar="N",
                    help="output tile size in pixels (default 64)")
     p.add_argument("--source-tile", type=int, metavar="N",
@@ -561,11 +661,16 @@ def parse_args(argv=None):
                    help="replace train/, holdout/ and manifest.csv in a non-empty DIR "
                         "(other files there are kept)")
     args = p.parse_args(argv)
-    args.source_tile = args.source_tile or args.tile
-    args.stride = args.stride or args.source_tile
-    args.block = args.block or 8 * args.source_tile
-    if args.tile < 1 or args.stride < 1:
-        p.error("--tile and --stride must be at least 1")
+    for option, value in (("--tile", args.tile), ("--source-tile", args.source_tile),
+                          ("--stride", args.stride), ("--block", args.block)):
+        if value is not None and value < 1:
+            p.error(f"{option} {value} must be at least 1 (pixels)")
+    if args.source_tile is None:
+        args.source_tile = args.tile
+    if args.stride is None:
+        args.stride = args.source_tile
+    if args.block is None:
+        args.block = 8 * args.source_tile
     if args.source_tile < args.tile:
         p.error(f"--source-tile {args.source_tile} is smaller than --tile {args.tile}; "
                 f"tiles are only ever shrunk")
@@ -575,14 +680,15 @@ def parse_args(argv=None):
         p.error(f"--block {args.block} must be at least --source-tile {args.source_tile}")
     if not 0 <= args.percentiles[0] < args.percentiles[1] <= 100:
         p.error("--percentiles LOW HIGH must satisfy 0 <= LOW < HIGH <= 100")
-    if args.min_std < 0:
-        p.error("--min-std must be 0 or more")
+    if not 0 <= args.min_std < math.inf:      # also refuses nan
+        p.error(f"--min-std {args.min_std} must be a finite number, 0 or more")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_out_apart(args.sources, args.out)
         check_out(args.out, args.overwrite)
         scenes = collect_scenes(args.sources, args)
         counts = prepare(scenes, args)

@@ -173,16 +173,48 @@ def test_folder_holdout_takes_whole_files(tmp_path):
     assert sum(splits == {"holdout"} for splits in split_of_file.values()) == 3
 
 
-def test_rerun_into_a_folder_inside_the_source_folder_skips_its_own_tiles(tmp_path):
+@pytest.fixture
+def tiles(tmp_path):
+    """A folder of three 64x64 tiles."""
     (tmp_path / "tiles").mkdir()
     for i in range(3):
         Image.fromarray(noise(64, 64, seed=i)).save(tmp_path / "tiles" / f"{i}.png")
-    out = tmp_path / "tiles" / "out"
+    return tmp_path / "tiles"
 
-    assert run(tmp_path / "tiles", "--holdout", 0, "--out", out) == 0
-    assert run(tmp_path / "tiles", "--holdout", 0, "--out", out, "--overwrite") == 0
 
-    assert [r["source"] for r in manifest(out)] == ["tiles/0.png", "tiles/1.png", "tiles/2.png"]
+@pytest.mark.parametrize("out_name, extra", [("out", []), (".", ["--overwrite"])])
+def test_out_inside_or_equal_to_a_source_folder_is_refused(tiles, capsys, out_name, extra):
+    # Tiles written inside the source folder would be tiled again by the next run on it.
+    out = tiles / out_name
+    code = run(tiles, "--holdout", 0, "--out", out, *extra)
+    message = capsys.readouterr().err
+    assert code == 2
+    assert "outside" in message and str(tiles) in message
+    assert sorted(p.name for p in tiles.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_earlier_output_inside_a_source_folder_is_refused(tiles, capsys):
+    assert run(tiles, "--holdout", 0, "--out", tiles.parent / "out") == 0
+    (tiles.parent / "out").rename(tiles / "out")    # e.g. written there by an older prepare.py
+    capsys.readouterr()
+
+    assert run(tiles, "--holdout", 0, "--out", tiles.parent / "again") == 2
+    assert f"{tiles / 'out'}: the output of an earlier prepare.py run" in capsys.readouterr().err
+    assert not (tiles.parent / "again").exists()
+
+    # A prepared folder named as a SOURCE itself is re-tiled on purpose.
+    assert run(tiles / "out", "--holdout", 0, "--out", tiles.parent / "again") == 0
+    assert len(manifest(tiles.parent / "again")) == 3
+
+
+def test_source_inside_the_outputs_that_overwrite_replaces_is_refused(tiles, capsys):
+    out = tiles.parent / "out"
+    assert run(tiles, "--holdout", 0, "--out", out) == 0
+    capsys.readouterr()
+
+    assert run(out / "train", "--holdout", 0, "--out", out, "--overwrite") == 2
+    assert "choose another --out" in capsys.readouterr().err
+    assert len(list((out / "train").iterdir())) == 3
 
 
 def test_min_std_drops_near_uniform_tiles(tmp_path, capsys):
@@ -306,3 +338,88 @@ def test_existing_out_is_refused_unless_overwrite(inputs, capsys):
     assert run(inputs / "good.png", "--out", out, "--overwrite", "--holdout", 0) == 0
     assert (out / "README.md").read_text() == "keep me"
     assert len(manifest(out)) == 4
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--stride", 0), ("--stride", -1), ("--source-tile", 0), ("--block", 0), ("--tile", 0),
+    ("--min-std", "nan"),
+])
+def test_numeric_option_out_of_range_exits_2_naming_it(inputs, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.parse_args([str(inputs / "good.png"), "--out", "x", option, str(value)])
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- nothing to keep
+
+def save_scene(folder, name, pixels):
+    Image.fromarray(pixels).save(folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda d: [save_scene(d, "small.png", noise(40, 50))], "smaller than --source-tile 64"),
+    (lambda d: [save_scene(d, "black.png", np.zeros((128, 128, 3), np.uint8))],
+     "every tile had no-data pixels"),
+    (lambda d: [save_band(d / f"zero_B{n}.tif", np.zeros((128, 128))) for n in (4, 3, 2)],
+     "every tile had no-data pixels"),
+    (lambda d: [save_scene(d, "flat.png", np.full((64, 64, 3), 90, np.uint8)),
+                "--min-std", 2], "lower --min-std"),
+], ids=["smaller-than-the-tile", "all-black", "all-zero-bands", "all-near-uniform"])
+def test_no_tile_kept_exits_2_saying_why_and_keeps_the_old_output(tmp_path, capsys, make,
+                                                                   named):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.csv").write_text("old")
+
+    assert run(*make(tmp_path), "--holdout", 0, "--out", out, "--overwrite") == 2
+
+    message = capsys.readouterr().err
+    assert "no tile kept" in message and named in message
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv"]
+    assert (out / "manifest.csv").read_text() == "old"
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_no_tile_kept_from_the_command_line_writes_no_manifest(tmp_path):
+    save_scene(tmp_path, "small.png", noise(40, 50))
+    result = run_script(tmp_path / "small.png", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert "small.png is 50 x 40 pixels" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_tiles_in_the_holdout_exits_2(tiles, capsys):
+    assert run(tiles / "0.png", "--holdout", 0.9, "--out", tiles.parent / "out") == 2
+    assert "none to train" in capsys.readouterr().err
+    assert not (tiles.parent / "out").exists()
+
+
+# ---------------------------------------------------------------- bands without variation
+
+def test_constant_band_is_an_error_naming_its_file(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    red = save_band(tmp_path / "s_B4.tif", np.full((64, 64), 7000))
+    others = [save_band(tmp_path / f"s_B{n}.tif", rng.integers(6000, 9000, (64, 64)))
+              for n in (3, 2)]
+
+    assert run(red, *others, "--holdout", 0, "--out", tmp_path / "out") == 2
+
+    message = capsys.readouterr().err
+    assert f"{red}: every pixel with data holds the same value (7000)" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_band_flat_between_the_percentiles_suggests_wider_ones(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    mostly_flat = np.full((64, 64), 7000)
+    mostly_flat[0] = rng.integers(6000, 9000, 64)           # 1.6% of the pixels vary
+    bands = [mostly_flat, rng.integers(6000, 9000, (64, 64)), rng.integers(6000, 9000, (64, 64))]
+    paths = [save_band(tmp_path / f"s_B{n}.tif", b) for n, b in zip((4, 3, 2), bands)]
+
+    assert run(*paths, "--holdout", 0, "--out", tmp_path / "out") == 2
+    assert "--percentiles 0 100" in capsys.readouterr().err
+
+    assert run(*paths, "--holdout", 0, "--percentiles", 0, 100, "--out", tmp_path / "out") == 0
+    assert len(manifest(tmp_path / "out")) == 1
