@@ -108,7 +108,13 @@ def _typed(key, value, kind, from_text=False):
         try:
             value = json.loads(text.lower() if kind is bool else text)
         except (json.JSONDecodeError, RecursionError):
-            raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {text!r}") from None
+            try:  # nan, inf: parsed here so that validate() names the real problem
+                value = float(text) if kind is float else None
+            except ValueError:
+                value = None
+            if value is None:
+                raise ConfigError(f"config key '{key}' expects {kind.__name__}, "
+                                  f"got {text!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             value = float(value)
@@ -227,10 +233,14 @@ def load(path=None, overrides=(), base=None):
     """Defaults <- JSON file (or `base` dict) <- `section.key=value` overrides."""
     raw = read_json(path) if path else (base or {})
     cfg = from_dict(raw, path or "config")
+    given = set()
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        if key.strip() in given:
+            raise ConfigError(f"--set gives '{key.strip()}' twice; keep one")
+        given.add(key.strip())
         _set(cfg, key.strip(), value, from_text=True)
     validate(cfg)
     return cfg

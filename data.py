@@ -3,8 +3,13 @@
 Every file is read once at start-up (Lesson 4) with PIL (Lesson 13), checked
 (Lesson 7: grayscale, alpha, palette, 16-bit, corrupt and undersized files)
 with every problem reported at once by file name, and brought to
-image_size x image_size RGB by area averaging. Pixels stay uint8 0..255 here:
-the graph scales them exactly once (Lessons 8, 12, 29).
+image_size x image_size RGB: a non-square image is cut to its centred square
+first (the shorter side; the rest of the image is not used), then area-averaged.
+Pixels stay uint8 0..255 here: the graph scales them exactly once (Lessons 8,
+12, 29).
+
+Messages about unusable files end with what to do, in the words of the script
+that was run: `Advice` holds that wording, train.py's (data.* keys) by default.
 
 Batches are a pure function of (seed, step), so a resumed run draws exactly
 the batches an uninterrupted one would, whether tiles sit in memory or are
@@ -14,6 +19,7 @@ import csv
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -21,6 +27,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MANIFEST = "manifest.csv"
 MAX_LISTED = 20  # problem files named in one error before "and N more"
+UNREADABLE = "cannot be read as an image"
 
 
 class DataError(ValueError):
@@ -31,26 +38,66 @@ class TileError(ValueError):
     """One file cannot be used as a tile; the message says why."""
 
 
+@dataclass(frozen=True)
+class Advice:
+    """What a user can do about unusable data, in the terms of the script they ran.
+
+    The defaults speak to train.py, whose data come from the config's data.*
+    keys; `option_advice` speaks to a script that takes them from an option.
+    """
+    source: str = "data path"  # names the data in "<source> '<path>' does not exist"
+    missing: str = ("set data.path to a folder of tiles (e.g. --set data.path=data) "
+                    "or prepare one with prepare.py")
+    grayscale: str = "use colour tiles, or set data.grayscale=convert to replicate it to RGB"
+    gray_as_rgb: str = "set data.grayscale=convert to train on it as colour"
+    small: str = "use larger images, or a smaller model.image_size (and data.load_size)"
+    unreadable: str = "set data.bad_files=skip to drop unreadable files"
+
+
+TRAIN_ADVICE = Advice()
+
+
+def option_advice(option):
+    """Advice for images given by a command-line option such as --real.
+
+    Grayscale files have one remedy there: colour ones. Converted to RGB they
+    would still be grayscale stored as RGB, which is refused the same way.
+    """
+    return Advice(source=option,
+                  missing=f"give {option} a folder of tiles or a manifest.csv "
+                          f"(prepare.py makes one)",
+                  grayscale=f"give {option} colour images",
+                  gray_as_rgb=f"give {option} colour images",
+                  small=f"give {option} larger images",
+                  unreadable=f"remove or replace them in {option}")
+
+
 # ---------------------------------------------------------------- finding files
 
-def find_images(path, split="train"):
+def find_images(path, split="train", advice=TRAIN_ADVICE):
     """Image files under `path`: a folder (recursive), or a manifest.csv split.
 
     A folder holding a manifest.csv is read through its manifest, so the
-    bundled sample's holdout tiles never leak into training.
+    bundled sample's holdout tiles never leak into training. Hidden files and
+    folders (names starting with '.') are left out; symlinked folders are
+    followed, each real folder once, so a link loop ends.
     """
     if not os.path.exists(path):
-        raise DataError(f"data path '{path}' does not exist; set data.path to a folder of "
-                        f"tiles (e.g. --set data.path=data) or prepare one with prepare.py")
+        raise DataError(f"{advice.source} '{path}' does not exist; {advice.missing}")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
         path = os.path.join(path, MANIFEST)
     if os.path.isfile(path):
         if os.path.basename(path).lower().endswith(".csv"):
             return _manifest_files(path, split)
         return [path]
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
+    files, walked = [], set()  # real paths of the folders read so far
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:  # a link back up (a loop) or to a folder already read
+            dirs.clear()
+            continue
+        walked.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [os.path.join(root, n) for n in sorted(names)
                   if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
     if not files:
@@ -84,23 +131,26 @@ def _manifest_files(path, split):
 
 # ---------------------------------------------------------------- reading one tile
 
-def read_tile(path, image_size, grayscale="error"):
-    """One file as uint8 [image_size, image_size, 3]; TileError says why not."""
+def read_tile(path, image_size, grayscale="error", advice=TRAIN_ADVICE):
+    """One file as uint8 [image_size, image_size, 3]; TileError says why not.
+
+    A non-square image is cut to its centred square before area averaging
+    (see `_fit`).
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            array, mode = _to_rgb(img, grayscale)
+            array, mode = _to_rgb(img, grayscale, advice)
     except TileError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise TileError(f"cannot be read as an image ({e})") from None
+        raise TileError(f"{UNREADABLE} ({e})") from None
     if array.ndim == 3 and grayscale == "error" and _is_gray(array) and mode != "gray":
-        raise TileError("is grayscale stored as RGB (all channels equal); "
-                        "set data.grayscale=convert to train on it as colour")
-    return _fit(array, image_size)
+        raise TileError(f"is grayscale stored as RGB (all channels equal); {advice.gray_as_rgb}")
+    return _fit(array, image_size, advice)
 
 
-def _to_rgb(img, grayscale):
+def _to_rgb(img, grayscale, advice=TRAIN_ADVICE):
     """(uint8 HxWx3, kind) from any PIL mode, or TileError."""
     mode = img.mode
     if mode in ("P", "PA"):
@@ -115,8 +165,7 @@ def _to_rgb(img, grayscale):
         mode = img.mode
     if mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
         if grayscale != "convert":
-            raise TileError(f"is grayscale (mode {mode}); use colour tiles, or set "
-                            f"data.grayscale=convert to replicate it to RGB")
+            raise TileError(f"is grayscale (mode {mode}); {advice.grayscale}")
         gray = _gray_to_u8(img)
         return np.repeat(gray[:, :, None], 3, axis=2), "gray"
     if mode != "RGB":
@@ -134,20 +183,24 @@ def _gray_to_u8(img):
         if values.min() < 0 or values.max() > 1:
             raise TileError("is a floating-point image outside 0..1; convert it to 8-bit first")
         return np.round(values * 255).astype(np.uint8)
-    # 16-bit: the full 0..65535 range maps to 0..255, never clipped.
-    return np.round(values.astype(np.float32) / 257.0).clip(0, 255).astype(np.uint8)
+    # 16-bit: the full 0..65535 range maps to 0..255. Mode I holds 32-bit
+    # values (or a 16-bit file's, as older Pillow reads them): beyond 0..65535
+    # the range widens to min(0, lowest)..highest, so no value is clipped.
+    low, high = min(0, int(values.min())), max(65535, int(values.max()))
+    scaled = (values.astype(np.float32) - low) * np.float32(255 / (high - low))  # 0..255
+    return np.round(scaled).astype(np.uint8)
 
 
 def _is_gray(rgb):
     return np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
 
 
-def _fit(rgb, size):
-    """Centre square, area-averaged to size x size; smaller images are refused."""
+def _fit(rgb, size, advice=TRAIN_ADVICE):
+    """The centred square of the image (the shorter side; a 16x100 image keeps
+    its middle 16x16), area-averaged to size x size; smaller images are refused."""
     h, w = rgb.shape[:2]
     if min(h, w) < size:
-        raise TileError(f"is {w}x{h}, smaller than the {size}x{size} tile size; "
-                        f"use larger images, or a smaller model.image_size (and data.load_size)")
+        raise TileError(f"is {w}x{h}, smaller than the {size}x{size} tile size; {advice.small}")
     if (h, w) == (size, size):
         return rgb
     side = min(h, w)
@@ -158,13 +211,13 @@ def _fit(rgb, size):
 
 # ---------------------------------------------------------------- loading a set
 
-def read_files(files, image_size, grayscale="error", keep_pixels=True):
+def read_files(files, image_size, grayscale="error", keep_pixels=True, advice=TRAIN_ADVICE):
     """Read and check every file, in parallel: (uint8 [N, S, S, 3] or None, {index: problem})."""
     tiles = np.empty((len(files), image_size, image_size, 3), np.uint8) if keep_pixels else None
 
     def read(i):
         try:
-            tile = read_tile(files[i], image_size, grayscale)
+            tile = read_tile(files[i], image_size, grayscale, advice)
         except TileError as e:
             return i, str(e)
         if keep_pixels:
@@ -182,21 +235,34 @@ def listing(lines):
     return "  " + "\n  ".join(lines[:MAX_LISTED]) + more
 
 
+def unusable(subject, files, problems, advice=TRAIN_ADVICE):
+    """DataError "<subject> cannot be used", then one line per file and its problem.
+
+    When some files cannot be read at all, the first line says what to do
+    about those (`advice.unreadable`), however many lines follow.
+    """
+    unreadable = sum(problem.startswith(UNREADABLE) for problem in problems.values())
+    todo = f" ({unreadable} cannot be read; {advice.unreadable})" if unreadable else ""
+    return DataError(f"{subject} cannot be used{todo}:\n"
+                     + listing([f"{files[i]}: {problems[i]}" for i in sorted(problems)]))
+
+
 def load_tiles(path, split="train", image_size=64, grayscale="error", bad_files="error",
-               min_count=1, keep_pixels=True, log=print):
+               min_count=1, keep_pixels=True, log=print, advice=TRAIN_ADVICE):
     """All tiles as uint8 [N, S, S, 3] (or the file list only, keep_pixels=False).
 
     Every file is read and checked before training starts; all problems are
-    reported together. Returns (tiles_or_None, files).
+    reported together, each with what to do in the words of `advice`.
+    Returns (tiles_or_None, files).
     """
-    files = find_images(path, split)
-    tiles, found = read_files(files, image_size, grayscale, keep_pixels)
+    files = find_images(path, split, advice)
+    tiles, found = read_files(files, image_size, grayscale, keep_pixels, advice)
     skipped = sorted(i for i, problem in found.items()
-                     if bad_files == "skip" and problem.startswith("cannot be read"))
-    problems = [f"{files[i]}: {found[i]}" for i in sorted(found) if i not in skipped]
+                     if bad_files == "skip" and problem.startswith(UNREADABLE))
+    problems = {i: problem for i, problem in found.items() if i not in skipped}
     if problems:
-        raise DataError(f"{len(problems)} of {len(files)} files under '{path}' cannot be used:\n"
-                        + listing(problems))
+        raise unusable(f"{len(problems)} of {len(files)} files under '{path}'", files, problems,
+                       advice)
     if skipped:
         names = ", ".join(files[i] for i in skipped[:MAX_LISTED])
         log(f"skipped {len(skipped)} unreadable files (data.bad_files=skip): {names}")
@@ -271,7 +337,14 @@ class Batches:
         idx = batch_indices(step, self.batch_size, len(self.files), self.seed)
         if self.tiles is not None:
             return self.tiles[idx]
-        return np.stack([read_tile(self.files[i], self.image_size, self.grayscale) for i in idx])
+        return np.stack([self._read_file(i) for i in idx])
+
+    def _read_file(self, i):
+        try:
+            return read_tile(self.files[i], self.image_size, self.grayscale)
+        except TileError as e:  # it passed the start-up check: it changed since
+            raise DataError(f"{self.files[i]} {e}, though it could be read when training "
+                            f"started") from None
 
     def get(self, step):
         if self._pool is None:

@@ -109,16 +109,17 @@ def list_set(text, what):
         raise EvalError(f"{what} '{path}' is a plain folder; ':{split}' picks rows of a manifest.csv "
                         f"(drop it to use every image of the folder)")
     split = "train" if split is None else split
-    return data.find_images(path, split), describe(path, split)
+    return data.find_images(path, split, data.option_advice(f"--{what}")), describe(path, split)
 
 
-def native_side(file):
-    """The shorter side of one image file, in pixels."""
+def native_side(file, what):
+    """The shorter side of one image file of set `what`, in pixels."""
     try:
         with Image.open(file) as img:
             return min(img.size)
     except (OSError, SyntaxError, ValueError) as e:
-        raise data.DataError(f"{file}: cannot be read as an image ({e})") from None
+        raise data.DataError(f"{file}: {data.UNREADABLE} ({e}); "
+                             f"{data.option_advice(f'--{what}').unreadable}") from None
 
 
 def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None):
@@ -129,7 +130,7 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     size and one seeded image_size window of it is kept, as the run saw them.
     """
     files, description = list_set(text, what)
-    side = native_side(files[0])
+    side = native_side(files[0], what)
     image_size = image_size or side
     read_size = max(load_size or 0, image_size)
     if side < read_size:
@@ -146,10 +147,11 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     if side != read_size and notes is not None:
         notes.append(f"{what}: {side}x{side} images area-averaged to {read_size}x{read_size} "
                      f"to match the {'run' if read_size > image_size else 'fakes'}")
-    tiles, problems = data.read_files(files, read_size)
+    advice = data.option_advice(f"--{what}")
+    tiles, problems = data.read_files(files, read_size, advice=advice)
     if problems:
-        raise data.DataError(f"{len(problems)} of {len(files)} {what} images cannot be used:\n"
-                             + data.listing([f"{files[i]}: {p}" for i, p in sorted(problems.items())]))
+        raise data.unusable(f"{len(problems)} of {len(files)} {what} images", files, problems,
+                            advice)
     if read_size > image_size and notes is not None:
         notes.append(f"{what}: one seeded {image_size}x{image_size} window of each "
                      f"{read_size}x{read_size} image, as the run trained (data.load_size)")
@@ -289,6 +291,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.json and os.path.isdir(args.json):
+        raise EvalError(f"--json '{args.json}' is a folder; give a file name "
+                        f"(e.g. {os.path.join(args.json, 'eval.json')})")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise EvalError(f"--json: folder '{os.path.dirname(os.path.abspath(args.json))}' "
                         f"does not exist")
@@ -303,7 +308,7 @@ def main(argv=None):
         load_size = run_cfg.data.load_size or None
     else:
         fake_files, _ = list_set(args.fake, "fake")
-        image_size = native_side(fake_files[0])
+        image_size = native_side(fake_files[0], "fake")
 
     t = time.time()
     real, real_desc = load_set(args.real, "real", image_size, args.n, args.seed, notes, load_size)

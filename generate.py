@@ -56,24 +56,14 @@ def inference_images(z_in, m):
 
 
 def architecture_differences(graph, prefix):
-    """How the generator variables of `graph` differ from the checkpoint's, as text lines.
-
-    Checked before restoring: a resource variable takes a value of another
-    shape without complaint, and the mismatch would surface only later as an
-    obscure error inside some layer.
-    """
+    """How the generator variables of `graph` differ from the checkpoint's, as text lines."""
     shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     # Optimizer slots ("<variable>/adam_g") belong to their variable, not to the net.
     saved = {name: shape for name, shape in shapes.items()
              if name.startswith(model.GEN_SCOPE + "/") and name.rsplit("/", 1)[0] not in shapes}
     with graph.as_default():
         built = {v.op.name: v.shape.as_list() for v in tf1.global_variables(model.GEN_SCOPE + "/")}
-    lines = [f"{name} is {saved[name]} in the checkpoint but {shape} by the config"
-             for name, shape in built.items() if name in saved and saved[name] != shape]
-    lines += [f"{name} is missing from the checkpoint" for name in built if name not in saved]
-    lines += [f"{name} of the checkpoint has no place in the config's generator"
-              for name in saved if name not in built]
-    return lines
+    return runs.variable_differences(saved, built)
 
 
 def restore_generator(sess, graph, prefix, run_dir):
@@ -253,7 +243,7 @@ def make_quiz(gen, args):
 
     split = default_split(args.real) if args.split is None else args.split
     tiles, files = data.load_tiles(args.real, split, config_lib.load_size(gen.cfg),
-                                   gen.cfg.data.grayscale,
+                                   gen.cfg.data.grayscale, advice=data.option_advice("--real"),
                                    log=lambda text: print(text, file=sys.stderr))
     if len(files) < n_reals:
         raise runs.RunError(f"'{args.real}' holds {len(files)} real tiles"
@@ -487,8 +477,8 @@ def parse_args(argv):
         p.error("give --out DIR")
     if chosen == "turing" and not args.real:
         p.error("--turing needs --real PATH, a folder or manifest of real tiles")
-    minimum = {"n": 1, "batch_size": 1, "threads": 0, "rows": 3, "cols": 3, "points": 2,
-               "frames": 2}
+    minimum = {"n": 1, "batch_size": 1, "seed": 0, "threads": 0, "rows": 3, "cols": 3,
+               "points": 2, "frames": 2}
     for name, low in minimum.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")

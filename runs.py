@@ -6,6 +6,7 @@ A run folder holds
   checkpoints/model-N.*   tf.compat.v1.train.Saver files for step N
   checkpoints/model-N.state.npz   what is not a TF variable: history cache, sample noise
   samples/step-N.png, tensorboard/, losses.png
+  checkpoints/after-step-N/   a continuation abandoned by a resume from step N
   lock                    held by the training process that writes the folder
 No TensorFlow graph code here; the `tf.train` checkpoint functions are used
 only to read checkpoint files and to rewrite TF's `checkpoint` index file.
@@ -52,6 +53,7 @@ SIDECAR = ".state.npz"
 LOCK = "lock"
 # Files of step N apart from its index: the sidecar and the data shards.
 PART_NAME = re.compile(r"((?:model|best)-\d+)(\.state\.npz|\.data-\d+-of-\d+)$")
+CHECKPOINT_FILE = re.compile(r"\.(index|state\.npz|data-\d+-of-\d+)$")
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -124,7 +126,7 @@ def resolve_checkpoint(arg):
                            f"complete checkpoints/model-N files, or a prefix like "
                            f"RUN/checkpoints/model-500")
     else:
-        prefix = arg[:-len(".index")] if arg.endswith(".index") else arg
+        prefix = CHECKPOINT_FILE.sub("", arg)  # a file of the checkpoint names it too
         problem = checkpoint_problem(prefix)
         if problem == "no index file":
             raise RunError(f"checkpoint '{arg}' does not exist (no '{prefix}.index'); "
@@ -171,25 +173,20 @@ def adopt_checkpoints(ckpt_dir, step, keep):
     manages from now on (the newest `keep`), oldest first.
 
     Checkpoints after `step` exist when a run is resumed from an older one of its
-    checkpoints: they belong to the abandoned continuation, so they move to
-    `after-step-N/` (kept, but no longer found by a resume). Older ones beyond
-    `keep` are deleted, as retention would have done had a kill not come first
-    (the Saver deletes one per save, so it would never catch up). TF's
-    `checkpoint` file is rewritten to name the step resumed from.
+    checkpoints: they belong to the abandoned continuation, which moves whole to
+    a new `after-step-N/` (see `set_aside`). Older ones beyond `keep` are
+    deleted, as retention would have done had a kill not come first (the Saver
+    deletes one per save, so it would never catch up). TF's `checkpoint` file is
+    rewritten to name the step resumed from.
     """
     remove_leftovers(ckpt_dir)
     steps = checkpoint_steps(ckpt_dir)
-    later = [s for s in steps if s > step]
+    later = {s: prefix for s, prefix in steps.items() if s > step}
     if later:
-        aside = os.path.join(ckpt_dir, f"after-step-{step}")
-        os.makedirs(aside, exist_ok=True)
-        for s in later:  # the index last: a kill midway leaves an incomplete checkpoint here
-            for path in sorted(glob.glob(glob.escape(steps[s]) + ".*"),
-                               key=lambda p: p.endswith(".index")):
-                shutil.move(path, os.path.join(aside, os.path.basename(path)))
+        aside = set_aside(ckpt_dir, step, later)
         names = ", ".join(f"model-{s}" for s in sorted(later))
-        print(f"moved the checkpoints after step {step} ({names}) to {aside}: "
-              f"the run continues from step {step}")
+        print(f"moved the checkpoints after step {step} ({names}), with their log records and "
+              f"samples, to {aside}: the run continues from step {step}")
     kept = [steps[s] for s in sorted(steps) if s <= step and checkpoint_problem(steps[s]) is None]
     for prefix in kept[:-keep]:
         os.remove(prefix + ".index")  # first: a kill from here on leaves only leftovers
@@ -199,6 +196,49 @@ def adopt_checkpoints(ckpt_dir, step, keep):
     if kept:
         tf.compat.v1.train.update_checkpoint_state(ckpt_dir, kept[-1], kept)
     return kept
+
+
+def set_aside(ckpt_dir, step, later):
+    """Move the continuation abandoned at `step` into a folder of its own; returns it.
+
+    The folder is new each time (`after-step-N`, then `after-step-N-2`, ...), so
+    resuming twice from one checkpoint keeps both abandoned continuations. It gets
+    the log records after `step` (`log.jsonl`), the sample grids after `step`
+    (`samples/`) and the checkpoints `later` ({step: prefix}). The checkpoints go
+    last, each index after its data: until then a resume finds them again and
+    starts over with a new folder, so a kill midway loses nothing.
+    """
+    run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
+    aside, n = os.path.join(ckpt_dir, f"after-step-{step}"), 1
+    while os.path.exists(aside):
+        n += 1
+        aside = os.path.join(ckpt_dir, f"after-step-{step}-{n}")
+    os.makedirs(os.path.join(aside, "samples"))
+    records = [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if r.get("step", 0) > step]
+    with open(os.path.join(aside, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    for path in glob.glob(os.path.join(run_dir, "samples", "step-*.png")):
+        if int(re.sub(r"\D", "", os.path.basename(path))) > step:
+            shutil.move(path, os.path.join(aside, "samples", os.path.basename(path)))
+    for prefix in later.values():
+        for path in sorted(glob.glob(glob.escape(prefix) + ".*"), key=lambda p: p.endswith(".index")):
+            shutil.move(path, os.path.join(aside, os.path.basename(path)))
+    return aside
+
+
+def variable_differences(saved, built):
+    """How variables {name: shape} of a graph differ from a checkpoint's, as text lines.
+
+    Checked before restoring: a resource variable takes a value of another shape
+    without complaint, and the mismatch would surface only later as an obscure
+    error inside some layer.
+    """
+    lines = [f"{name} is {saved[name]} in the checkpoint but {shape} by the config"
+             for name, shape in built.items() if name in saved and saved[name] != shape]
+    lines += [f"{name} is missing from the checkpoint" for name in built if name not in saved]
+    lines += [f"{name} of the checkpoint has no place in the config's model"
+              for name in saved if name not in built]
+    return lines
 
 
 # ---------------------------------------------------------------- sidecar state

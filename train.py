@@ -248,32 +248,40 @@ def plot_losses(records, path):
 
 # ---------------------------------------------------------------- evaluation during training
 
+def eval_reals(cfg, batches):
+    """(reals, split name) the evaluations compare fakes with; read before the run starts.
+
+    The data's holdout split when its manifest has one, else the training tiles
+    (a seeded sample of them when they stay on disk).
+    """
+    t, m = cfg.train, cfg.model
+    side = config_lib.load_size(cfg)
+    if "holdout" in data.manifest_splits(cfg.data.path):
+        reals, _ = data.load_tiles(cfg.data.path, "holdout", side,
+                                   cfg.data.grayscale, cfg.data.bad_files)
+        split = "holdout"
+    else:
+        split = cfg.data.split or "train"
+        reals = batches.tiles
+        if reals is None:
+            pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
+            reals = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
+                              for i in pick])
+    # One fixed window per tile when training crops (data.load_size).
+    return data.random_crops(reals, m.image_size, np.random.default_rng([t.seed, 0xC0])), split
+
+
 class Evaluator:
     """SWD and MS-SSIM of `eval_images` fakes every `eval_every` steps; keeps the best.
 
-    Reals are the data's holdout split when its manifest has one, else the
-    training tiles. The fakes come from fixed latents in inference mode, so
+    Reals come from `eval_reals`. The fakes come from fixed latents in inference mode, so
     evaluations differ only by the weights. The best checkpoint by average SWD
     is saved as checkpoints/best-N, which checkpoint retention never touches.
     """
 
-    def __init__(self, cfg, g, batches, ckpt_dir, log_records):
+    def __init__(self, cfg, g, reals, split, ckpt_dir, log_records):
         t, m = cfg.train, cfg.model
-        self.cfg = cfg
-        side = config_lib.load_size(cfg)
-        if "holdout" in data.manifest_splits(cfg.data.path):
-            reals, _ = data.load_tiles(cfg.data.path, "holdout", side,
-                                       cfg.data.grayscale, cfg.data.bad_files)
-            self.split = "holdout"
-        else:
-            self.split = cfg.data.split or "train"
-            reals = batches.tiles
-            if reals is None:  # tiles stay on disk: read a seeded sample of them
-                pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
-                reals = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
-                                  for i in pick])
-        # One fixed window per tile when training crops (data.load_size).
-        self.reals = data.random_crops(reals, m.image_size, np.random.default_rng([t.seed, 0xC0]))
+        self.cfg, self.reals, self.split = cfg, reals, split
         best = [p for _, p in sorted(runs.checkpoint_steps(ckpt_dir, "best").items())]
         g["best_saver"].recover_last_checkpoints(best[-1:])  # so the next best replaces it
         count = -(-t.eval_images // t.batch_size) * t.batch_size
@@ -352,15 +360,35 @@ def open_run(args):
                             for k in arch) + "); resume with the run's own values")
         changed = {k: [config_lib.get(saved, k), config_lib.get(cfg, k)]
                    for k in config_lib.differences(saved, cfg, list(config_lib.flat(cfg)))}
+        done = runs.checkpoint_step(prefix)
+        if done >= cfg.train.steps:
+            raise runs.RunError(f"'{prefix}' is at step {done} and train.steps is "
+                                f"{cfg.train.steps}: nothing to train; to go on, resume with "
+                                f"--set train.steps=N, N above {done}")
+        check_outside_data(run_dir, cfg.data.path)
         return cfg, run_dir, prefix, changed
     cfg = config_lib.load(args.config, args.set)
     name = os.path.splitext(os.path.basename(args.config))[0]
     run_dir = args.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise runs.RunError(f"--out '{run_dir}' is a file; give a folder for the run")
+    check_outside_data(run_dir, cfg.data.path)
     runs.check_unlocked(run_dir)
     if runs.newest_checkpoint(os.path.join(run_dir, runs.CHECKPOINTS)):
         raise runs.RunError(f"'{run_dir}' already holds a run; continue it with "
                             f"--resume {run_dir}, or choose another --out")
     return cfg, run_dir, None, {}
+
+
+def check_outside_data(run_dir, data_path):
+    """A run folder inside a scanned data folder would have its samples read as tiles."""
+    if not os.path.isdir(data_path) or os.path.isfile(os.path.join(data_path, data.MANIFEST)):
+        return  # a manifest names its files; nothing else in the folder is read
+    inside = os.path.realpath(run_dir) + os.sep
+    if inside.startswith(os.path.realpath(data_path) + os.sep):
+        raise runs.RunError(f"run folder '{run_dir}' is inside data.path '{data_path}', whose "
+                            f"images are all read as tiles (the run's samples would be too); "
+                            f"choose an --out outside it")
 
 
 # Batch norm stays float32 under the bf16 rewrite: normalising in bf16 trained
@@ -447,7 +475,20 @@ def error_cause(e):
 
 
 def restore_checkpoint(sess, g, prefix, cache, ckpt_dir):
-    """Weights, all four Adam states and BN averages, then the sidecar; returns (step, sample_z)."""
+    """Weights, all four Adam states and BN averages, then the sidecar; returns (step, sample_z).
+
+    A checkpoint of another net is refused before anything in the run folder moves.
+    """
+    saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    built = {v.op.name: v.shape.as_list()  # what g["saver"] saves: every global variable
+             for v in sess.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)}
+    differences = runs.variable_differences(saved, built)
+    if differences:
+        more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
+        raise runs.RunError(f"checkpoint '{prefix}' was not trained with the model that "
+                            f"{os.path.dirname(ckpt_dir)}/config.json describes: "
+                            f"{'; '.join(differences[:2])}{more}; resume with the config.json "
+                            f"of the run that wrote it")
     try:
         g["saver"].restore(sess, prefix)
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
@@ -488,6 +529,7 @@ def main(argv=None):
     batches = data.Batches(tiles, files, t.batch_size, side, t.seed, cfg.data.grayscale)
     held = f"{tiles.nbytes / 2 ** 20:.1f} MB uint8 in memory" if tiles is not None else "read from disk"
     print(f"data: {len(files)} tiles from {cfg.data.path} ({held}), {time.time() - started:.1f} s")
+    eval_set = eval_reals(cfg, batches) if t.eval_every else None  # its errors come before any write
 
     graph = tf.Graph()
     with graph.as_default():
@@ -499,8 +541,10 @@ def main(argv=None):
     os.makedirs(run_dir, exist_ok=True)
     lock = runs.acquire_lock(run_dir)
     try:
+        if not prefix:  # at once: a start-up cut short leaves a folder that says what it was
+            write_config(run_dir, cfg)
         with graph.as_default():  # the Saver and FileWriter look up the default graph
-            return train(cfg, graph, g, batches, run_dir, prefix, changed)
+            return train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed)
     finally:
         batches.close()
         runs.release_lock(lock)
@@ -511,7 +555,12 @@ def model_count(graph, scope):
         return model.count_params(scope)
 
 
-def train(cfg, graph, g, batches, run_dir, prefix, changed):
+def write_config(run_dir, cfg):
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    write_atomic(os.path.join(run_dir, "config.json"), text.encode())
+
+
+def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
     t, m = cfg.train, cfg.model
     ckpt_dir = os.path.join(run_dir, runs.CHECKPOINTS)
     sample_dir = os.path.join(run_dir, "samples")
@@ -538,18 +587,23 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
         runs.truncate_log(log_path, 0)  # a run restarted before its first checkpoint logs anew
         sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
-    config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    write_atomic(os.path.join(run_dir, "config.json"), config_text.encode())
+    write_config(run_dir, cfg)
     log = runs.Log(log_path)
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
 
-    evaluate = Evaluator(cfg, g, batches, ckpt_dir, logged) if t.eval_every else None
+    evaluate = Evaluator(cfg, g, *eval_set, ckpt_dir, logged) if eval_set else None
     saved_step = step
     while step < t.steps and stop.signal is None:
         step_started = time.time()
         step += 1
-        record = run_step(sess, g, cfg, batches, cache, step)
+        try:
+            record = run_step(sess, g, cfg, batches, cache, step)
+        except data.DataError as e:  # a tile read from disk (data.in_memory: false) went bad
+            step -= 1
+            raise data.DataError(f"{e}; training stopped after step {step}, "
+                                 + stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z,
+                                              records)) from None
 
         bad = [k for k in LOSS_KEYS if not np.isfinite(record[k])]
         if bad:
@@ -580,17 +634,24 @@ def train(cfg, graph, g, batches, run_dir, prefix, changed):
                   flush=True)
 
     if stop.signal is not None:
-        if saved_step != step:
-            save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z)
-            plot_losses(records, os.path.join(run_dir, "losses.png"))
-        print(f"stopped by {stop.signal} after step {step}; checkpoint saved. "
-              f"Continue with: python train.py --resume {run_dir}")
+        print(f"stopped by {stop.signal} after step {step}; "
+              + stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z, records))
     else:
         print(f"done: {step} steps; samples in {sample_dir}, checkpoints in {ckpt_dir}")
     writer.close()
     log.close()
     sess.close()
     return 0
+
+
+def stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z, records):
+    """Checkpoint `step` for a run that stops early (unless it is saved); says how to go on."""
+    if step == 0:
+        return f"no step was trained; start it again with --config {run_dir}/config.json --out {run_dir}"
+    if saved_step != step:
+        save_checkpoint(sess, g, os.path.join(run_dir, runs.CHECKPOINTS), step, cache, sample_z)
+        plot_losses(records, os.path.join(run_dir, "losses.png"))
+    return f"checkpoint saved. Continue with: python train.py --resume {run_dir}"
 
 
 def to_u8(image):
@@ -615,6 +676,10 @@ def cli(argv=None):
     except OSError as e:  # a full disk while writing samples or the log, say
         print(f"error: {e}; the newest complete checkpoint is kept", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the loop takes Ctrl-C over
+        print("stopped by Ctrl-C during start-up: no step was trained and nothing was saved; "
+              "run the command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -138,6 +138,90 @@ def test_unreadable_files_can_be_skipped_with_a_report(tmp_path):
     assert "skipped 2" in said[0] and "zero.png" in said[0] and "junk.jpg" in said[0]
 
 
+def test_unreadable_files_get_the_bad_files_hint_only_when_there_are_some(tmp_path):
+    folder = str(tmp_path)
+    write_tiles(folder, 2)
+    save(folder, "gray.png", rgb()[:, :, 0])
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(folder)
+    assert "bad_files" not in str(err.value)  # grayscale alone: skipping would not help
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(folder)
+    first_line = str(err.value).splitlines()[0]
+    assert "2 of 4 files" in first_line and "1 cannot be read" in first_line
+    assert "data.bad_files=skip" in first_line  # what to do, not just what went wrong
+
+
+def test_messages_speak_to_the_script_that_was_run(tmp_path):
+    """train.py's data come from data.* keys; generate/evaluate take them from an option."""
+    folder = str(tmp_path / "gray")
+    os.makedirs(folder)
+    save(folder, "gray.png", rgb()[:, :, 0])
+    save(folder, "gray_as_rgb.png", rgb()[:, :, :1].repeat(3, axis=2))
+    save(folder, "small.png", rgb(size=32))
+    (tmp_path / "gray" / "zero.png").write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(folder)
+    for key in ("data.grayscale=convert", "data.bad_files=skip", "model.image_size"):
+        assert key in str(err.value)
+    with pytest.raises(data.DataError, match=r"set data\.path to a folder of tiles"):
+        data.load_tiles(str(tmp_path / "nope"))
+
+    real = data.option_advice("--real")
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(folder, advice=real)
+    message = str(err.value)
+    assert "data." not in message and "model." not in message
+    assert message.count("give --real colour images") == 2
+    assert "give --real larger images" in message and "remove or replace them in --real" in message
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(str(tmp_path / "nope"), advice=real)
+    assert str(err.value).startswith(f"--real '{tmp_path / 'nope'}' does not exist; give --real")
+    assert "data.path" not in str(err.value)
+
+
+def test_symlinked_folders_are_followed_once_even_in_a_loop(tmp_path):
+    write_tiles(str(tmp_path / "elsewhere"), 2)
+    write_tiles(str(tmp_path / "data" / "own"), 1, seed=1)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")
+    os.symlink(tmp_path / "data", tmp_path / "data" / "own" / "loop")  # back up: a loop
+    os.symlink(tmp_path / "data" / "own", tmp_path / "data" / "same")  # a folder read already
+    files = data.find_images(str(tmp_path / "data"))
+    assert len(files) == 3
+    assert sorted(os.path.realpath(f) for f in files) == sorted(
+        [str(tmp_path / "elsewhere" / "tile-0000.png"), str(tmp_path / "elsewhere" / "tile-0001.png"),
+         str(tmp_path / "data" / "own" / "tile-0000.png")])
+
+
+def test_hidden_files_and_folders_are_left_out(tmp_path):
+    write_tiles(str(tmp_path), 1)
+    write_tiles(str(tmp_path / ".thumbs"), 2)
+    write_tiles(str(tmp_path / "sub" / ".cache"), 2)
+    save(str(tmp_path), ".hidden.png", rgb())
+    assert data.find_images(str(tmp_path)) == [str(tmp_path / "tile-0000.png")]
+
+
+def test_32_bit_integer_gray_is_scaled_by_its_range_not_clipped(tmp_path):
+    values = np.array([[0, 100000, 200000, 300000]], np.int32).repeat(64, 0).repeat(16, 1)
+    Image.fromarray(values).save(tmp_path / "i32.tif")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
+    tiles, _ = data.load_tiles(str(tmp_path), grayscale="convert")
+    assert list(tiles[0, 0, ::16, 0]) == [0, 85, 170, 255]
+    below = np.array([[-1000, 0, 65535, 65535]], np.int32).repeat(64, 0).repeat(16, 1)
+    Image.fromarray(below).save(tmp_path / "i32.tif")  # negative values are not clipped either
+    tiles, _ = data.load_tiles(str(tmp_path), grayscale="convert")
+    assert list(tiles[0, 0, ::16, 0]) == [0, 4, 255, 255]
+
+
+def test_non_square_images_keep_their_centred_square(tmp_path):
+    """A 16x100 image keeps its middle 16x16; the rest of it is not used."""
+    wide = rgb(4, size=100)[:16]  # 16 rows, 100 columns
+    save(str(tmp_path), "wide.png", wide)
+    tiles, _ = data.load_tiles(str(tmp_path), image_size=16)
+    np.testing.assert_array_equal(tiles[0], wide[:, 42:58])
+
+
 def test_empty_folder_missing_path_and_too_few_tiles(tmp_path):
     with pytest.raises(data.DataError, match="no image files"):
         data.load_tiles(str(tmp_path))

@@ -83,6 +83,33 @@ def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_json_naming_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    # --real does not exist either: the --json error coming first shows nothing was read.
+    assert evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE, "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --json") and str(tmp_path) in err and "is a folder" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_unusable_reals_say_what_to_do_with_real(smoke_run, tmp_path, capsys):
+    """The hint names --real, not train.py's data.* keys that evaluate.py does not have."""
+    gray, broken = tmp_path / "gray", tmp_path / "broken"
+    gray.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(gray / f"{i}.png")
+    write_tiles(str(broken), 4, size=16)
+    (broken / "tile-0003.png").write_bytes(b"not a png")
+    for real, hint in ((gray, "give --real colour images"),
+                       (broken, "1 cannot be read; remove or replace them in --real")):
+        assert evaluate.cli(["--real", str(real), "--checkpoint", smoke_run, "-n", "4"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: 4 of 4 real images" if real == gray else
+                              "error: 1 of 4 real images") and hint in err
+        assert "data.grayscale" not in err and "data.bad_files" not in err
+        assert "Traceback" not in err
+
+
 def test_reals_of_a_load_size_run_are_windows_at_its_resolution(tmp_path):
     """A run trained on windows (data.load_size) is compared with windows, not shrunk tiles."""
     folder = write_tiles(str(tmp_path / "reals"), 6, size=64)

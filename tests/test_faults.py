@@ -640,6 +640,64 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(faulty_resume
     assert runs.resolve_checkpoint(run)[0] == os.path.join(ckpt, "model-17")
 
 
+def test_resuming_twice_from_one_checkpoint_keeps_both_abandoned_continuations(
+        start, faulty_resumes, tmp_path):
+    """After "safe changes" (model-15 -> 17), a second resume from model-15 sets the
+    first continuation aside in a new folder; the original one stays whole, with the
+    log records and samples of its steps."""
+    run, proc = faulty_resumes["safe changes"]
+    assert proc.wait() == 0, proc.output()
+    run = copy_of(run, tmp_path)
+    ckpt = os.path.join(run, "checkpoints")
+    again = start("--resume", os.path.join(ckpt, "model-15"), "--set", "train.steps=16")
+    assert again.wait() == 0, again.output()
+    first, second = (os.path.join(ckpt, name) for name in ("after-step-15", "after-step-15-2"))
+    assert readable(os.path.join(first, "model-20")) and readable(os.path.join(second, "model-17"))
+    assert [r["step"] for r in step_records(read_log_lines(first))] == list(range(16, 21))
+    assert [r["step"] for r in step_records(read_log_lines(second))] == [16, 17]
+    assert os.listdir(os.path.join(first, "samples")) == ["step-000020.png"]
+    assert os.listdir(os.path.join(second, "samples")) == ["step-000016.png"]
+    assert [r["step"] for r in step_records(read_log_lines(run))] == list(range(1, 17))
+
+
+def test_resume_refuses_a_checkpoint_of_another_net_before_moving_anything(start, trained_run,
+                                                                           tmp_path):
+    """A config.json edited after training (or a checkpoint copied in from another run)
+    does not fit the checkpoint: one error naming a variable; nothing moves."""
+    run = copy_of(trained_run, tmp_path)
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    saved["model"]["gen_filters"] = 64
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(saved, f)
+    before = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    proc = start("--resume", os.path.join(run, "checkpoints", "model-10"))
+    assert proc.wait() == 2, proc.output()
+    assert_clear_error(proc.read("stderr"), "model-10", "was not trained with the model",
+                       "generator/project/w")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(start, trained_run):
+    proc = start("--resume", trained_run)
+    assert proc.wait() == 2, proc.output()
+    assert_clear_error(proc.read("stderr"), "model-20", "step 20", "train.steps")
+    assert len(read_log_lines(trained_run)) == 20  # the run is untouched
+
+
+def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles(start, tiles16, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    tiles = shutil.copytree(tiles16, str(tmp_path / "tiles"))
+    for out, names in ((a_file, ["notes.txt", "is a file"]),
+                       (os.path.join(tiles, "run"), ["inside data.path", "--out"])):
+        proc = start(*smoke(tiles), "--out", out)
+        assert proc.wait() == 2, proc.output()
+        assert_clear_error(proc.read("stderr"), *names)
+    assert a_file.read_text() == "not a folder"
+    assert sorted(os.listdir(tiles)) == sorted(os.listdir(tiles16))  # nothing written
+
+
 # ---------------------------------------------------------------- 8: two runs, one folder
 
 def test_a_live_run_holds_its_folder(start, trained_run, tmp_path):

@@ -295,6 +295,33 @@ def test_help_says_how_to_load_the_export(capsys):
 
 # ---------------------------------------------------------------- errors
 
+@pytest.mark.parametrize("mode", [["-n", "3"], ["--interpolate"]])
+def test_negative_seed_is_a_usage_error(mode, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.cli(["--checkpoint", str(tmp_path), *mode, "--seed", "-1",
+                      "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--seed must be >= 0" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_problems_with_real_tiles_say_what_to_do_with_real(smoke_run, tmp_path, capsys):
+    """--real's tiles: the hint names --real, not train.py's data.* keys."""
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((SIZE, SIZE), 40 * i, np.uint8)).save(gray / f"{i}.png")
+    for real, hint in ((gray, "give --real colour images"),
+                       (tmp_path / "missing", "give --real a folder of tiles")):
+        code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", str(real),
+                             "--out", str(tmp_path / "q"), "--threads", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+        assert len(error_lines(err)) == 1 and hint in err and str(real) in err
+        assert "data.grayscale" not in err and "data.path" not in err
+    assert not os.path.exists(tmp_path / "q" / "quiz.png")
+
+
 def test_missing_checkpoint_is_one_clear_line(smoke_run, tmp_path, capsys):
     missing = os.path.join(smoke_run, "checkpoints", "model-999")
     code = generate.cli(["--checkpoint", missing, "-n", "2", "--out", str(tmp_path / "o")])

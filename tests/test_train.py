@@ -150,6 +150,42 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert [r["step"] for r in steps_of(read_log(run))][-3:] == [last, last + 1, last + 2]
 
 
+def test_ctrl_c_during_start_up_is_one_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "load_tiles", interrupted)
+    code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
+                      "--out", str(tmp_path / "run")])
+    assert code == 130
+    assert "during start-up: no step was trained" in capsys.readouterr().err
+
+
+def test_a_tile_gone_bad_mid_run_stops_with_a_checkpoint_and_names_it(tmp_path, monkeypatch,
+                                                                        capsys):
+    """data.in_memory: false reads tiles each step; when they vanish after step 3,
+    the run saves step 3, names a file, says how to resume, and exits 2."""
+    tiles = write_tiles(str(tmp_path / "tiles"), 24, size=16)
+    run_step = train.run_step
+
+    def deleting(sess, g, cfg, batches, cache, step, **kw):
+        if step == 3:
+            for name in os.listdir(tiles):
+                os.remove(os.path.join(tiles, name))
+        return run_step(sess, g, cfg, batches, cache, step, **kw)
+    monkeypatch.setattr(train, "run_step", deleting)
+    run = tmp_path / "run"
+    code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
+                      "--set", f"data.path={tiles}", "--set", "data.in_memory=false",
+                      "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert tiles in errors[0] and "after step 3" in errors[0] and f"--resume {run}" in errors[0]
+    assert train.runs.newest_checkpoint(str(run / "checkpoints")).endswith("model-3")
+    assert [r["step"] for r in steps_of(read_log(run))] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------- the graph, in-process
 
 def tiny_cfg(**train_values):

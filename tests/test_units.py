@@ -117,10 +117,16 @@ def test_json_then_set_overrides(tmp_path):
     ("data.grayscale=keep", "must be one of error, convert"),
     ("data.load_size=32", "or >= model.image_size 64, got 32"),
     ("data.load_size=-1", "'data.load_size' must be >= 0"),
+    ("train.lr_gen=nan", "'train.lr_gen' must be a finite number, got nan"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
         config.load(None, [item])
+
+
+def test_a_key_set_twice_is_refused():
+    with pytest.raises(config.ConfigError, match=r"--set gives 'train\.steps' twice"):
+        config.load(None, ["train.steps=3", "train.lr_gen=1e-3", "train.steps=4"])
 
 
 @pytest.mark.parametrize("item", ["=\n", "\n=1", "data.grayscale=a\nb"])
