@@ -90,19 +90,28 @@ def find_images(path, split="train", advice=TRAIN_ADVICE):
         if os.path.basename(path).lower().endswith(".csv"):
             return _manifest_files(path, split)
         return [path]
-    files, walked = [], set()  # real paths of the folders read so far
-    for root, dirs, names in os.walk(path, followlinks=True):
+    files = [os.path.join(root, n) for root, names in walk(path) for n in names
+             if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise DataError(f"no image files (.png, .jpg, .tif, ...) found under '{path}'")
+    return files
+
+
+def walk(folder):
+    """(folder, its file names) for `folder` and every folder below it, sorted.
+
+    Hidden files and folders (names starting with '.') are left out; symlinked
+    folders are followed, each real folder once, so a link loop ends.
+    """
+    walked = set()  # real paths of the folders read so far
+    for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in walked:  # a link back up (a loop) or to a folder already read
             dirs.clear()
             continue
         walked.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    if not files:
-        raise DataError(f"no image files (.png, .jpg, .tif, ...) found under '{path}'")
-    return files
+        yield root, sorted(n for n in names if not n.startswith("."))
 
 
 def manifest_splits(path):

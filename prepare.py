@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import data
+
 SPLITS = ("train", "holdout")
 OUTPUTS = (*SPLITS, "manifest.csv")     # what --overwrite replaces in DIR; nothing else
 MANIFEST_COLUMNS = ("file", "source", "x", "y", "split")
@@ -300,19 +302,20 @@ def is_prepare_manifest(path):
 
 
 def image_files(folder):
-    """Image files below `folder`, sorted, leaving out hidden files. The output of an earlier
-    run below it is refused: its tiles would be tiled again (a folder that is itself such an
-    output, named on purpose, is fine)."""
+    """Image files below `folder`, sorted, found as the training loader finds them
+    (data.walk: hidden files and folders left out, symlinked folders followed). The
+    output of an earlier run below it is refused: its tiles would be tiled again (a
+    folder that is itself such an output, named on purpose, is fine)."""
     files = []
-    for path in folder.rglob("*"):
-        if path.name == "manifest.csv" and path.parent != folder and is_prepare_manifest(path):
-            raise PrepareError(f"{path.parent}: the output of an earlier prepare.py run lies "
+    for root, names in data.walk(folder):
+        root = Path(root)
+        if "manifest.csv" in names and root != folder and is_prepare_manifest(root / "manifest.csv"):
+            raise PrepareError(f"{root}: the output of an earlier prepare.py run lies "
                                f"inside the source folder {folder}, and its tiles would be tiled "
                                f"again; move it out of {folder}, or name as SOURCEs only the "
                                f"folders to tile")
-        if (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-                and path.is_file()):
-            files.append(path)
+        files += [root / n for n in names
+                  if Path(n).suffix.lower() in IMAGE_SUFFIXES and (root / n).is_file()]
     return sorted(files)
 
 

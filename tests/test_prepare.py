@@ -423,3 +423,15 @@ def test_band_flat_between_the_percentiles_suggests_wider_ones(tmp_path, capsys)
 
     assert run(*paths, "--holdout", 0, "--percentiles", 0, 100, "--out", tmp_path / "out") == 0
     assert len(manifest(tmp_path / "out")) == 1
+
+
+def test_folder_sources_are_found_as_the_training_loader_finds_them(tmp_path):
+    """Hidden folders left out, symlinked folders followed once (a loop ends)."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    for folder, name in ((src, "a.png"), (src / ".thumbs", "hidden.png"), (other, "b.png")):
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noise(64, 64)).save(folder / name)
+    (src / "linked").symlink_to(other, target_is_directory=True)
+    (other / "loop").symlink_to(src, target_is_directory=True)
+    assert run(src, "--out", tmp_path / "out", "--tile", "64", "--holdout", "0") == 0
+    assert sorted(Path(r["source"]).name for r in manifest(tmp_path / "out")) == ["a.png", "b.png"]
