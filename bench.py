@@ -29,7 +29,12 @@ def parse_args(argv):
     p.add_argument("--untuned", action="store_true",
                    help="time the 'before' graph: transposed-conv output shapes from tf.shape "
                         "and tf.nn.moments batch norm instead of static shapes and fused batch norm")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.json and os.path.isdir(args.json):
+        p.error(f"--json '{args.json}' is a folder; give a file name")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json: folder '{os.path.dirname(os.path.abspath(args.json))}' does not exist")
+    return args
 
 
 # ---------------------------------------------------------------- the yardstick

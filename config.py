@@ -53,7 +53,7 @@ class TrainConfig:
     history_prob: float = 0.3      # probability that a step shows D cached old fakes
     history_fraction: float = 0.5  # share of the fake half replaced when it does
     history_size: int = 1000       # images kept in the history cache
-    log_every: int = 1             # steps between log.jsonl records
+    log_every: int = 1             # steps between log.jsonl records (the last step always)
     sample_every: int = 10         # steps between sample grids
     checkpoint_every: int = 500    # steps between checkpoints
     keep_checkpoints: int = 5      # newest checkpoints kept on disk
@@ -137,6 +137,9 @@ def _set(cfg, key, value, from_text=False):
     setattr(section, name, _typed(key, value, kinds[name], from_text))
 
 
+MIN_EVAL_IMAGES = 4  # SWD and MS-SSIM compare two halves of each set
+
+
 def validate(cfg):
     """Raise ConfigError for values no run can use, before any graph is built."""
     d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.run
@@ -172,10 +175,19 @@ def validate(cfg):
             raise ConfigError(f"config key '{key}' must be divisible by {2 ** levels} "
                               f"(it is halved {levels} times up to model.image_size {size}), "
                               f"got {get(cfg, key)}")
-    for key in ("train.history_prob", "train.history_fraction", "train.beta1",
-                "model.bn_momentum"):
+    for key in ("train.history_prob", "train.history_fraction", "model.bn_momentum"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within 0..1, got {get(cfg, key)}")
+    for key in ("train.beta1", "model.leaky_slope"):  # 1 would stall Adam / make ReLU linear
+        if not 0.0 <= get(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}' must be at least 0 and below 1, "
+                              f"got {get(cfg, key)}")
+    if m.channels != 3:
+        raise ConfigError(f"config key 'model.channels' must be 3 (tiles are read as RGB), "
+                          f"got {m.channels}")
+    if t.eval_every and t.eval_images < MIN_EVAL_IMAGES:
+        raise ConfigError(f"config key 'train.eval_images' must be at least {MIN_EVAL_IMAGES} "
+                          f"when train.eval_every is on, got {t.eval_images}")
     if d.load_size and d.load_size < size:
         raise ConfigError(f"config key 'data.load_size' must be 0 (off) or >= model.image_size "
                           f"{size}, got {d.load_size}")

@@ -53,6 +53,7 @@ SIDECAR = ".state.npz"
 LOCK = "lock"
 # Files of step N apart from its index: the sidecar and the data shards.
 PART_NAME = re.compile(r"((?:model|best)-\d+)(\.state\.npz|\.data-\d+-of-\d+)$")
+ASIDE_NAME = re.compile(r"after-step-\d+(-\d+)?")  # an abandoned continuation (set_aside)
 CHECKPOINT_FILE = re.compile(r"\.(index|state\.npz|data-\d+-of-\d+)$")
 
 
@@ -135,6 +136,8 @@ def resolve_checkpoint(arg):
             raise RunError(f"checkpoint '{arg}' is incomplete ({problem}); give the run folder "
                            f"to use its newest complete checkpoint")
     ckpt_dir = os.path.dirname(os.path.abspath(prefix))
+    if ASIDE_NAME.fullmatch(os.path.basename(ckpt_dir)):  # RUN/checkpoints/after-step-N
+        ckpt_dir = os.path.dirname(ckpt_dir)
     run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == CHECKPOINTS else ckpt_dir
     return prefix, run_dir
 
@@ -183,7 +186,8 @@ def adopt_checkpoints(ckpt_dir, step, keep):
     steps = checkpoint_steps(ckpt_dir)
     later = {s: prefix for s, prefix in steps.items() if s > step}
     if later:
-        aside = set_aside(ckpt_dir, step, later)
+        best = [p for s, p in checkpoint_steps(ckpt_dir, "best").items() if s > step]
+        aside = set_aside(ckpt_dir, step, [*later.values(), *best])
         names = ", ".join(f"model-{s}" for s in sorted(later))
         print(f"moved the checkpoints after step {step} ({names}), with their log records and "
               f"samples, to {aside}: the run continues from step {step}")
@@ -204,7 +208,8 @@ def set_aside(ckpt_dir, step, later):
     The folder is new each time (`after-step-N`, then `after-step-N-2`, ...), so
     resuming twice from one checkpoint keeps both abandoned continuations. It gets
     the log records after `step` (`log.jsonl`), the sample grids after `step`
-    (`samples/`) and the checkpoints `later` ({step: prefix}). The checkpoints go
+    (`samples/`) and the checkpoint prefixes `later` (model-N and best-N after
+    `step`: a best of the abandoned steps is not the resumed run's). The checkpoints go
     last, each index after its data: until then a resume finds them again and
     starts over with a new folder, so a kill midway loses nothing.
     """
@@ -220,7 +225,7 @@ def set_aside(ckpt_dir, step, later):
     for path in glob.glob(os.path.join(run_dir, "samples", "step-*.png")):
         if int(re.sub(r"\D", "", os.path.basename(path))) > step:
             shutil.move(path, os.path.join(aside, "samples", os.path.basename(path)))
-    for prefix in later.values():
+    for prefix in later:
         for path in sorted(glob.glob(glob.escape(prefix) + ".*"), key=lambda p: p.endswith(".index")):
             shutil.move(path, os.path.join(aside, os.path.basename(path)))
     return aside

@@ -17,6 +17,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":  # Ctrl-C while TensorFlow loads ends the process quietly (exit 130)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import matplotlib
 matplotlib.use("Agg")
@@ -346,12 +348,17 @@ def open_run(args):
     """(cfg, run_dir, prefix or None, changed safe keys) after every check that can fail early."""
     if args.resume:
         prefix, run_dir = runs.resolve_checkpoint(args.resume)
+        if runs.ASIDE_NAME.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(prefix)))):
+            raise runs.RunError(f"'{prefix}' belongs to a continuation set aside by an earlier "
+                                f"resume; generate.py and evaluate.py take it as it is; to train "
+                                f"it on, copy the run folder and move that folder's files (log "
+                                f"and samples too) back in place of the newer ones")
         runs.check_unlocked(run_dir)
         if args.out and os.path.abspath(args.out) != os.path.abspath(run_dir):
             raise runs.RunError(f"--resume continues in its own folder '{run_dir}'; drop --out")
         saved = runs.read_run_config(run_dir)
         base = config_lib.read_json(args.config) if args.config else saved.to_dict()
-        cfg = config_lib.load(base=base, overrides=args.set)
+        cfg = absolute_data_path(config_lib.load(base=base, overrides=args.set))
         arch = config_lib.differences(saved, cfg, config_lib.ARCHITECTURE_KEYS)
         if arch:
             raise runs.RunError(
@@ -367,7 +374,7 @@ def open_run(args):
                                 f"--set train.steps=N, N above {done}")
         check_outside_data(run_dir, cfg.data.path)
         return cfg, run_dir, prefix, changed
-    cfg = config_lib.load(args.config, args.set)
+    cfg = absolute_data_path(config_lib.load(args.config, args.set))
     name = os.path.splitext(os.path.basename(args.config))[0]
     run_dir = args.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -380,12 +387,19 @@ def open_run(args):
     return cfg, run_dir, None, {}
 
 
+def absolute_data_path(cfg):
+    """data.path made absolute, so that config.json names the data wherever a resume runs."""
+    cfg.data.path = os.path.abspath(cfg.data.path)
+    return cfg
+
+
 def check_outside_data(run_dir, data_path):
     """A run folder inside a scanned data folder would have its samples read as tiles."""
     if not os.path.isdir(data_path) or os.path.isfile(os.path.join(data_path, data.MANIFEST)):
         return  # a manifest names its files; nothing else in the folder is read
-    inside = os.path.realpath(run_dir) + os.sep
-    if inside.startswith(os.path.realpath(data_path) + os.sep):
+    run = os.path.realpath(run_dir) + os.sep
+    if any(run.startswith(os.path.realpath(root) + os.sep)  # symlinked folders count too
+           for root, _ in data.walk(data_path)):
         raise runs.RunError(f"run folder '{run_dir}' is inside data.path '{data_path}', whose "
                             f"images are all read as tiles (the run's samples would be too); "
                             f"choose an --out outside it")
@@ -612,7 +626,7 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         record = {"step": step, **record,
                   "imgs_per_s": t.batch_size / (time.time() - step_started)}
         records.append(record)
-        if step % t.log_every == 0:
+        if step % t.log_every == 0 or step == t.steps:
             log.write(record)
             tb_scalars(writer, record)
         if step % t.sample_every == 0:
@@ -671,6 +685,7 @@ def dump_samples(sess, g, sample_z, sample_dir, writer, step):
 
 
 def cli(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
     try:
         return runs.cli(main, argv)
     except OSError as e:  # a full disk while writing samples or the log, say

@@ -65,6 +65,12 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
 
 
 
+def test_json_naming_a_folder_is_refused_before_the_benchmark(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--json", str(tmp_path)])
+    assert e.value.code == 2
+
+
 def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32():
     """The ops a bf16 D update runs, as TensorFlow executed them after its rewrites."""
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), ["run.mixed_precision=bf16"])

@@ -25,7 +25,8 @@ def test_checkpoint_against_holdout_writes_every_number(smoke_run, tmp_path):
     assert set(r["swd_x1e3"]) == set(r["swd_real_baseline_x1e3"]) == {"16", "avg"}
     assert r["swd_set_size"] == 32  # fakes and baseline both compare halves of 32
     # The training set comes from the run's config; its manifest's holdout split is found.
-    assert r["train"] == "data (split train)" and r["holdout"] == "data (split holdout)"
+    sample = os.path.join(ROOT, "data")  # config.json stores data.path absolute
+    assert r["train"] == f"{sample} (split train)" and r["holdout"] == f"{sample} (split holdout)"
     for key in ("ms_ssim_fake", "ms_ssim_real", "nn_fake_to_train", "nn_holdout_to_train",
                 "nn_fake_closer_than_holdout", "c2st_acc"):
         assert isinstance(r[key], float), key

@@ -658,6 +658,30 @@ def test_resuming_twice_from_one_checkpoint_keeps_both_abandoned_continuations(
     assert os.listdir(os.path.join(first, "samples")) == ["step-000020.png"]
     assert os.listdir(os.path.join(second, "samples")) == ["step-000016.png"]
     assert [r["step"] for r in step_records(read_log_lines(run))] == list(range(1, 17))
+    # generate.py and evaluate.py find the run of a set-aside checkpoint; train.py refuses it
+    aside = os.path.join(first, "model-20")
+    assert runs.resolve_checkpoint(aside) == (aside, run)
+    proc = start("--resume", aside)
+    assert proc.wait() == 2, proc.output()
+    assert_clear_error(proc.read("stderr"), "model-20", "set aside")
+
+
+def test_a_best_checkpoint_of_the_abandoned_steps_is_set_aside_with_them(tmp_path):
+    """best-20 came from steps a resume from model-10 abandons: it is no best of the
+    resumed run, and the resumed run's own best saves must not delete it."""
+    ckpt = tmp_path / "checkpoints"
+    (tmp_path / "samples").mkdir(parents=True)
+    ckpt.mkdir()
+    for prefix in ("model-10", "model-20", "best-20"):
+        for suffix in (".index", ".data-00000-of-00001", ".state.npz"):
+            (ckpt / (prefix + suffix)).write_text("x")
+    (tmp_path / "log.jsonl").write_text('{"step": 10}\n{"step": 20}\n')
+    runs.adopt_checkpoints(str(ckpt), 10, keep=5)
+    aside = ckpt / "after-step-10"
+    assert sorted(os.listdir(aside)) == sorted(
+        [p + s for p in ("model-20", "best-20")
+         for s in (".index", ".data-00000-of-00001", ".state.npz")] + ["log.jsonl", "samples"])
+    assert not any(n.startswith("best-") for n in os.listdir(ckpt))
 
 
 def test_resume_refuses_a_checkpoint_of_another_net_before_moving_anything(start, trained_run,
@@ -689,13 +713,18 @@ def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles(start, tiles16, tm
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
     tiles = shutil.copytree(tiles16, str(tmp_path / "tiles"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, os.path.join(tiles, "linked"))  # its images are read as tiles too
     for out, names in ((a_file, ["notes.txt", "is a file"]),
-                       (os.path.join(tiles, "run"), ["inside data.path", "--out"])):
+                       (os.path.join(tiles, "run"), ["inside data.path", "--out"]),
+                       (elsewhere / "run", ["inside data.path", "--out"])):
         proc = start(*smoke(tiles), "--out", out)
         assert proc.wait() == 2, proc.output()
         assert_clear_error(proc.read("stderr"), *names)
     assert a_file.read_text() == "not a folder"
-    assert sorted(os.listdir(tiles)) == sorted(os.listdir(tiles16))  # nothing written
+    assert sorted(os.listdir(tiles)) == sorted(os.listdir(tiles16) + ["linked"])
+    assert os.listdir(elsewhere) == []  # nothing written
 
 
 # ---------------------------------------------------------------- 8: two runs, one folder

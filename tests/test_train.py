@@ -160,6 +160,30 @@ def test_ctrl_c_during_start_up_is_one_message_not_a_traceback(tmp_path, monkeyp
     assert "during start-up: no step was trained" in capsys.readouterr().err
 
 
+def test_config_json_names_the_data_by_an_absolute_path(smoke_run):
+    """So a resume started from another folder trains on the same tiles."""
+    with open(os.path.join(smoke_run, "config.json")) as f:
+        assert json.load(f)["data"]["path"] == os.path.join(ROOT, "data")
+
+
+def test_the_last_step_is_logged_whatever_log_every(tmp_path):
+    code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
+                      "--set", "train.steps=10", "--set", "train.log_every=4",
+                      "--out", str(tmp_path / "run")])
+    assert code == 0
+    assert [r["step"] for r in steps_of(read_log(tmp_path / "run"))] == [4, 8, 10]
+
+
+def test_ctrl_c_while_tensorflow_loads_ends_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/smoke.json",
+                             "--out", str(tmp_path / "run")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # TensorFlow takes seconds to import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in err
+
+
 def test_a_tile_gone_bad_mid_run_stops_with_a_checkpoint_and_names_it(tmp_path, monkeypatch,
                                                                         capsys):
     """data.in_memory: false reads tiles each step; when they vanish after step 3,

@@ -118,10 +118,19 @@ def test_json_then_set_overrides(tmp_path):
     ("data.load_size=32", "or >= model.image_size 64, got 32"),
     ("data.load_size=-1", "'data.load_size' must be >= 0"),
     ("train.lr_gen=nan", "'train.lr_gen' must be a finite number, got nan"),
+    ("train.beta1=1", "'train.beta1' must be at least 0 and below 1"),
+    ("model.leaky_slope=-1", "'model.leaky_slope' must be at least 0 and below 1"),
+    ("model.channels=1", "'model.channels' must be 3"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
         config.load(None, [item])
+
+
+def test_evaluations_need_four_images():
+    with pytest.raises(config.ConfigError, match=r"'train\.eval_images' must be at least 4"):
+        config.load(None, ["train.eval_every=5", "train.eval_images=2"])
+    assert config.load(None, ["train.eval_images=2"]).train.eval_images == 2  # evaluations off
 
 
 def test_a_key_set_twice_is_refused():
