@@ -128,9 +128,17 @@ def read_header(path):
     """(mode, (width, height)) without decoding the pixels."""
     try:
         with no_pixel_limit(), Image.open(path) as img:
-            return img.mode, img.size
+            deep_colour = (img.mode in ("RGB", "RGBA")
+                           and any(";16" in str(tile.args) for tile in img.tile))
+            mode, size = img.mode, img.size
     except (OSError, SyntaxError, ValueError) as error:
         raise unreadable(path, error) from None
+    if deep_colour:  # Pillow keeps only the high byte of each 16-bit colour value
+        raise PrepareError(f"{path}: a 16-bit colour image, which Pillow reads as 8 bits (dark "
+                           f"and coarse when the data use a small part of the 16-bit range); "
+                           f"give its red, green and blue as 16-bit single-band files, which "
+                           f"are stretched, or convert it to 8-bit RGB")
+    return mode, size
 
 
 def load_image(path):

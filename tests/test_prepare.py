@@ -435,3 +435,25 @@ def test_folder_sources_are_found_as_the_training_loader_finds_them(tmp_path):
     (other / "loop").symlink_to(src, target_is_directory=True)
     assert run(src, "--out", tmp_path / "out", "--tile", "64", "--holdout", "0") == 0
     assert sorted(Path(r["source"]).name for r in manifest(tmp_path / "out")) == ["a.png", "b.png"]
+
+
+def write_png_rgb16(path, value, side=64):
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one), every pixel `value`."""
+    import struct
+    import zlib
+    rows = b"".join(b"\x00" + np.full((side, 3), value, ">u2").tobytes() for _ in range(side))
+
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 2,
+                                                                        0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_image_is_refused_not_read_dark(tmp_path):
+    write_png_rgb16(tmp_path / "reflectance.png", 4000)
+    proc = run_script(tmp_path / "reflectance.png", "--out", tmp_path / "out", "--tile", "16")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "reflectance.png" in proc.stderr and "16-bit colour" in proc.stderr
+    assert not (tmp_path / "out").exists()
