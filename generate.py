@@ -481,7 +481,8 @@ def parse_args(argv):
                "points": 2, "frames": 2}
     for name, low in minimum.items():
         if getattr(args, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+            flag = "-n" if name == "n" else f"--{name.replace('_', '-')}"
+            p.error(f"{flag} must be >= {low}, got {getattr(args, name)}")
     args.mode = chosen
     return args
 

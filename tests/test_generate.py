@@ -305,6 +305,12 @@ def test_negative_seed_is_a_usage_error(mode, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_a_count_below_one_names_the_flag_as_typed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.cli(["--checkpoint", str(tmp_path), "-n", "0", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "error: -n must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_problems_with_real_tiles_say_what_to_do_with_real(smoke_run, tmp_path, capsys):
     """--real's tiles: the hint names --real, not train.py's data.* keys."""
     gray = tmp_path / "gray"
