@@ -8,6 +8,7 @@ Every number is printed next to the same number for two halves of the real set
 themselves are in metrics.py.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -37,10 +38,12 @@ image sets (--real, --fake, --train, --holdout) are written PATH or PATH:SPLIT:
 
 sizes: -n images per set. Reals are a seeded sample without replacement (all
   of them, with a note, when fewer exist); with --checkpoint as many fakes are
-  generated as there are reals, so both sets hold the same number. Reals
-  larger than the fakes are area-averaged to the fakes' size (noted); for a
-  checkpoint trained with data.load_size, to that size, then one seeded
-  window of the fakes' size is taken from each, as the run trained.
+  generated as there are reals, so both sets hold the same number. A --fake
+  folder's size is that of its smallest image; larger fakes, and reals larger
+  than the fakes, are area-averaged to it (noted), non-square images cut to
+  their centred square (noted); for a checkpoint trained with data.load_size,
+  reals go to that size, then one seeded window of the fakes' size is taken
+  from each, as the run trained.
 
 baseline: each set is split into random halves of n/2. SWD and the colour
   distances of fakes are the mean of (fake half 1 vs real half A) and (fake
@@ -112,14 +115,19 @@ def list_set(text, what):
     return data.find_images(path, split, data.option_advice(f"--{what}")), describe(path, split)
 
 
-def native_side(file, what):
-    """The shorter side of one image file of set `what`, in pixels."""
-    try:
-        with Image.open(file) as img:
-            return min(img.size)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise data.DataError(f"{file}: {data.UNREADABLE} ({e}); "
-                             f"{data.option_advice(f'--{what}').unreadable}") from None
+def image_sizes(files):
+    """{file: (width, height)} from the headers; unreadable files are left to
+    data.read_files, which reports every problem of a set at once."""
+    sizes = {}
+    for file in files:
+        with contextlib.suppress(OSError, SyntaxError, ValueError), Image.open(file) as img:
+            sizes[file] = img.size
+    return sizes
+
+
+def native_side(sizes, default=8):
+    """A set's own size: the shortest side among its images, in pixels."""
+    return min((min(size) for size in sizes.values()), default=default)
 
 
 def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None):
@@ -130,7 +138,8 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     size and one seeded image_size window of it is kept, as the run saw them.
     """
     files, description = list_set(text, what)
-    side = native_side(files[0], what)
+    size_of = image_sizes(files)
+    side = native_side(size_of, image_size or 8)
     image_size = image_size or side
     read_size = max(load_size or 0, image_size)
     if side < read_size:
@@ -144,9 +153,16 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     elif n is not None and len(files) < n and notes is not None:
         notes.append(f"{what}: only {len(files)} images in {description}, fewer than -n {n}; "
                      f"all of them are used")
-    if side != read_size and notes is not None:
-        notes.append(f"{what}: {side}x{side} images area-averaged to {read_size}x{read_size} "
-                     f"to match the {'run' if read_size > image_size else 'fakes'}")
+    sizes = [size_of[f] for f in files if f in size_of]
+    larger = sum(min(size) > read_size for size in sizes)
+    oblong = sum(size[0] != size[1] for size in sizes)
+    match = "run" if read_size > image_size else "fakes" if what == "real" else "smallest fakes"
+    if larger and notes is not None:
+        notes.append(f"{what}: {larger} of {len(sizes)} images area-averaged to "
+                     f"{read_size}x{read_size} to match the {match}")
+    if oblong and notes is not None:
+        notes.append(f"{what}: {oblong} of {len(sizes)} images not square; their centred "
+                     f"square is used")
     advice = data.option_advice(f"--{what}")
     tiles, problems = data.read_files(files, read_size, advice=advice)
     if problems:
@@ -308,7 +324,7 @@ def main(argv=None):
         load_size = run_cfg.data.load_size or None
     else:
         fake_files, _ = list_set(args.fake, "fake")
-        image_size = native_side(fake_files[0], "fake")
+        image_size = native_side(image_sizes(fake_files))
 
     t = time.time()
     real, real_desc = load_set(args.real, "real", image_size, args.n, args.seed, notes, load_size)

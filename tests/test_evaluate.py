@@ -150,3 +150,18 @@ def test_2048_images_per_set_take_under_two_minutes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["n"] == 2048 and r["timings"]["total"] < 120, r["timings"]
+
+
+def test_fakes_of_mixed_sizes_are_judged_at_the_smallest_whatever_the_order(tmp_path):
+    """The set's size does not depend on which file sorts first; what changed is noted."""
+    for name, first, second in (("small_first", 16, 24), ("large_first", 24, 16)):
+        fakes = tmp_path / name
+        write_tiles(str(fakes / "a"), 4, size=first)
+        write_tiles(str(fakes / "b"), 4, size=second, seed=1)
+        wide = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+        Image.fromarray(wide).save(fakes / "b" / "wide.png")
+        notes = []
+        tiles, _ = evaluate.load_set(str(fakes), "fake", None, notes=notes)
+        assert tiles.shape == (9, 16, 16, 3)
+        assert "fake: 5 of 9 images area-averaged to 16x16 to match the smallest fakes" in notes
+        assert "fake: 1 of 9 images not square; their centred square is used" in notes
