@@ -242,6 +242,11 @@ def make_quiz(gen, args):
     n_reals = mask.size - n_fakes
 
     split = default_split(args.real) if args.split is None else args.split
+    if not os.path.exists(args.real) and ":" in args.real and os.path.exists(
+            args.real.rpartition(":")[0]):
+        path, _, named = args.real.rpartition(":")
+        raise runs.RunError(f"--real '{args.real}' does not exist; to take split '{named}' of "
+                            f"{path}, give --real {path} --split {named}")
     tiles, files = data.load_tiles(args.real, split, config_lib.load_size(gen.cfg),
                                    gen.cfg.data.grayscale, advice=data.option_advice("--real"),
                                    log=lambda text: print(text, file=sys.stderr))
@@ -359,7 +364,9 @@ def existing(folder, names):
 
 def export_saved_model(prefix, run_dir, cfg, export_dir, step):
     """A SavedModel of the generator in inference mode: z float32 [None, z_dim] -> uint8 images."""
-    if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise runs.RunError(f"--export '{export_dir}' is a file; give a new folder")
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
         raise runs.RunError(f"--export '{export_dir}' already exists and is not empty; "
                             f"give a new folder (nothing is deleted here)")
     m = cfg.model

@@ -352,3 +352,18 @@ def test_other_architecture_is_one_clear_line(smoke_run, tmp_path, capsys):
     assert str(copy / "config.json") in err
     assert f"generator/project/w is {saved_shape} in the checkpoint" in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_real_given_as_path_colon_split_points_at_split(smoke_run, tmp_path, capsys):
+    sample = os.path.join(ROOT, "data")
+    code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", f"{sample}:holdout",
+                         "--out", str(tmp_path / "quiz")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"give --real {sample} --split holdout" in err
+
+
+def test_export_onto_a_file_says_it_is_a_file(smoke_run, tmp_path, capsys):
+    (tmp_path / "gen").write_text("mine")
+    code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path / "gen")])
+    assert code == 2 and "is a file; give a new folder" in capsys.readouterr().err
+    assert (tmp_path / "gen").read_text() == "mine"
