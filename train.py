@@ -595,13 +595,13 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         # TensorBoard drops what earlier event files hold after this step (redone steps).
         writer.add_session_log(tf1.SessionLog(status=tf1.SessionLog.START), step)
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
-    else:
+        write_config(run_dir, cfg)  # only now: a resume that fails leaves config.json as it was
+    else:  # main wrote config.json before anything else
         sess.run(g["init_op"])
         step, records, logged = 0, [], []
         runs.truncate_log(log_path, 0)  # a run restarted before its first checkpoint logs anew
         sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
-    write_config(run_dir, cfg)
     log = runs.Log(log_path)
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
