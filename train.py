@@ -590,8 +590,6 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         step, sample_z = restore_checkpoint(sess, g, prefix, cache, ckpt_dir)
         logged = runs.truncate_log(log_path, step)
         records = [r for r in logged if "event" not in r]
-        runs.Log(log_path).write({"event": "resume", "step": step, "checkpoint": prefix,
-                                  "changed": changed})
         # TensorBoard drops what earlier event files hold after this step (redone steps).
         writer.add_session_log(tf1.SessionLog(status=tf1.SessionLog.START), step)
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
@@ -603,6 +601,8 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
     log = runs.Log(log_path)
+    if prefix:
+        log.write({"event": "resume", "step": step, "checkpoint": prefix, "changed": changed})
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
 
