@@ -120,22 +120,42 @@ def manifest_splits(path):
         path = os.path.join(path, MANIFEST)
     if not (os.path.isfile(path) and path.lower().endswith(".csv")):
         return set()
-    with open(path, newline="") as f:
-        return {row.get("split", "") for row in csv.DictReader(f)}
+    return {row.get("split", "") for row in read_manifest(path)}
+
+
+def read_manifest(path):
+    """The rows of a manifest.csv as dicts, column names and values stripped of spaces.
+
+    UTF-8 with or without a byte-order mark (as spreadsheets save it);
+    anything else is a DataError naming the file.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"manifest '{path}' cannot be read as a UTF-8 CSV file ({e}); save it as "
+                        f"UTF-8 text with the columns file,source,x,y,split") from None
+    return [{name.strip(): value.strip() if isinstance(value, str) else ""
+             for name, value in row.items() if name is not None} for row in rows]
 
 
 def _manifest_files(path, split):
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_manifest(path)
     if rows and "file" not in rows[0]:
         raise DataError(f"manifest '{path}' has no 'file' column (expected file,source,x,y,split)")
-    chosen = [r for r in rows if not split or r.get("split", "") == split]
+    chosen = [(line, r) for line, r in enumerate(rows, start=2)
+              if not split or r.get("split", "") == split]
     if not chosen:
         splits = sorted({r.get("split", "") for r in rows})
         raise DataError(f"manifest '{path}' has no rows of split '{split}'; "
                         f"it has: {', '.join(splits) or 'no rows'}")
-    return [os.path.join(folder, r["file"]) for r in chosen]
+    unnamed = [str(line) for line, r in chosen if not r["file"]]
+    if unnamed:
+        raise DataError(f"manifest '{path}' has rows without a file name (line "
+                        f"{', '.join(unnamed[:5])}{' ...' if len(unnamed) > 5 else ''}); "
+                        f"fill in or delete those rows")
+    return [os.path.join(folder, r["file"]) for _, r in chosen]
 
 
 # ---------------------------------------------------------------- reading one tile

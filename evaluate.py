@@ -9,7 +9,6 @@ themselves are in metrics.py.
 """
 import argparse
 import contextlib
-import csv
 import json
 import os
 import sys
@@ -203,7 +202,7 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
         elif split in ("", HOLDOUT_SPLIT):
             notes.append(f"nn_holdout_to_train omitted: the training set takes the manifest's "
                          f"{'every row' if not split else 'holdout rows'}; give --holdout")
-        elif HOLDOUT_SPLIT not in manifest_splits(path):
+        elif HOLDOUT_SPLIT not in data.manifest_splits(path):
             notes.append(f"nn_holdout_to_train omitted: {path} has no '{HOLDOUT_SPLIT}' split; "
                          f"give --holdout")
         else:
@@ -213,12 +212,6 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
         holdout, found["holdout"] = load_set(holdout_text, "holdout", image_size, notes=notes,
                                              load_size=load_size)
     return train, holdout, found
-
-
-def manifest_splits(path):
-    csv_path = os.path.join(path, data.MANIFEST) if os.path.isdir(path) else path
-    with open(csv_path, newline="") as f:
-        return {row.get("split", "") for row in csv.DictReader(f)}
 
 
 # ---------------------------------------------------------------- fakes

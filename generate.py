@@ -12,7 +12,6 @@ Outputs with the names written here are overwritten; nothing else in --out is
 touched.
 """
 import argparse
-import csv
 import json
 import os
 import re
@@ -219,13 +218,9 @@ def default_split(path):
     """The manifest split to draw real tiles from: "holdout" when the manifest has
     such rows (tiles the generator never trained on), else "train"; a plain
     folder has no splits ("")."""
-    manifest = path
-    if os.path.isdir(path):
-        manifest = os.path.join(path, data.MANIFEST)
-    if not (os.path.isfile(manifest) and manifest.lower().endswith(".csv")):
+    splits = data.manifest_splits(path)
+    if not splits:
         return ""
-    with open(manifest, newline="") as f:
-        splits = {row.get("split", "") for row in csv.DictReader(f)}
     return "holdout" if "holdout" in splits else "train"
 
 

@@ -241,6 +241,33 @@ def test_manifest_splits_are_kept_apart():
         data.find_images(os.path.join(ROOT, "data"), "valid")
 
 
+def write_manifest(folder, text, encoding="utf-8"):
+    for i in range(2):
+        save(str(folder), f"t{i}.png", rgb(i))
+    with open(folder / "manifest.csv", "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return str(folder)
+
+
+def test_manifests_as_spreadsheets_save_them_are_read(tmp_path):
+    # A byte-order mark, spaces around names and values, Windows line ends.
+    folder = write_manifest(tmp_path, "\ufefffile , split\r\n t0.png , train\r\nt1.png,holdout \r\n")
+    assert data.find_images(folder, "train") == [str(tmp_path / "t0.png")]
+    assert data.manifest_splits(folder) == {"train", "holdout"}
+
+
+def test_unreadable_manifests_and_unnamed_rows_are_named(tmp_path):
+    (tmp_path / "latin").mkdir()
+    latin = write_manifest(tmp_path / "latin", "file,split\nt0.png,tr\u00e4in\n", "latin-1")
+    with pytest.raises(data.DataError, match="manifest '.*latin.manifest.csv' cannot be read as a "
+                                             "UTF-8 CSV file"):
+        data.find_images(latin, "train")
+    (tmp_path / "gap").mkdir()
+    gap = write_manifest(tmp_path / "gap", "file,split\nt0.png,train\n,train\nt1.png,train\n")
+    with pytest.raises(data.DataError, match=r"rows without a file name \(line 3\)"):
+        data.find_images(gap, "train")
+
+
 def test_batches_cover_each_epoch_and_depend_only_on_seed_and_step():
     seen = np.concatenate([data.batch_indices(s, 8, 20, seed=3) for s in range(5)])  # 2 epochs
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:40]) == list(range(20))
