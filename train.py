@@ -388,8 +388,9 @@ def open_run(args):
 
 
 def absolute_data_path(cfg):
-    """data.path made absolute, so that config.json names the data wherever a resume runs."""
-    cfg.data.path = os.path.abspath(cfg.data.path)
+    """data.path made absolute (and ~ expanded: a shell leaves `data.path=~/x` as it is),
+    so that config.json names the data wherever a resume runs."""
+    cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
     return cfg
 
 

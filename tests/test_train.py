@@ -166,6 +166,13 @@ def test_config_json_names_the_data_by_an_absolute_path(smoke_run):
         assert json.load(f)["data"]["path"] == os.path.join(ROOT, "data")
 
 
+def test_a_data_path_from_home_is_expanded(tmp_path, monkeypatch):
+    """`--set data.path=~/tiles` reaches Python unexpanded (bash expands ~ only at a word's start)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = train.absolute_data_path(config.load(overrides=["data.path=~/tiles"]))
+    assert cfg.data.path == str(tmp_path / "tiles")
+
+
 def test_the_last_step_is_logged_whatever_log_every(tmp_path):
     code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
                       "--set", "train.steps=6", "--set", "train.log_every=4",
