@@ -42,6 +42,7 @@ FRAME_MS = 80          # time per GIF frame
 ANSWER_RGB = (255, 0, 0)  # the frame around a fake in answer.png
 # Independent random streams of one --seed (the latents use the seed alone).
 PATTERN_STREAM, REALS_STREAM = 1, 2
+MAX_BATCH = 1024        # images per session run at most: a larger batch only costs memory
 PROGRESS_QUIET_S = 2.0  # runs shorter than this print no progress
 PROGRESS_EVERY_S = 10.0  # otherwise a line every 10% done or this often
 
@@ -443,7 +444,8 @@ def parse_args(argv):
                    help="output folder (created if needed); not with --export")
     p.add_argument("-n", type=int, metavar="N", help="samples: number of images (default 64)")
     p.add_argument("--batch-size", type=int, metavar="B", default=64,
-                   help="images per session run (default 64); the images do not depend on it")
+                   help=f"images per session run (default 64, at most {MAX_BATCH}); the images "
+                        f"do not depend on it")
     p.add_argument("--seed", type=int, metavar="S", default=0,
                    help="seeds the latents, the quiz pattern and the choice of reals (default 0)")
     p.add_argument("--threads", type=int, metavar="T", default=0,
@@ -499,7 +501,7 @@ def main(argv=None):
         return 0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise runs.RunError(f"--out '{args.out}' is a file; give a folder")
-    gen = Generator(args.checkpoint, args.batch_size, threads)
+    gen = Generator(args.checkpoint, run_batch(args), threads)
     try:
         os.makedirs(args.out, exist_ok=True)
         make = {"samples": make_samples, "turing": make_quiz, "interpolate": make_interpolation}
@@ -508,6 +510,14 @@ def main(argv=None):
     finally:
         gen.close()
     return 0
+
+
+def run_batch(args):
+    """--batch-size, cut to the images the mode makes and to MAX_BATCH (the images do not
+    depend on it; a batch of millions only exhausts memory)."""
+    needed = {"samples": args.n, "turing": args.rows * args.cols,
+              "interpolate": args.points * args.frames}[args.mode]
+    return min(args.batch_size, needed, MAX_BATCH)
 
 
 def cli(argv=None):

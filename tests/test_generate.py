@@ -123,6 +123,16 @@ def test_samples_do_not_depend_on_the_batch_size(smoke_run, gen, modes):
     assert len({img.tobytes() for img in api_64}) == 10  # ten different latents, ten images
 
 
+@pytest.mark.parametrize("mode, batch", [(["-n", "3"], 3), (["-n", "5000"], generate.MAX_BATCH),
+                                         (["--turing", "--real", "data"], 6 * 6),
+                                         (["--interpolate"], 4 * 16), (["-n", "9"], 9)])
+def test_a_huge_batch_size_is_cut_to_what_the_mode_makes(mode, batch, tmp_path):
+    """--batch-size 100000000 ran a graph of that batch (and crashed); images do not depend on it."""
+    args = generate.parse_args(["--checkpoint", str(tmp_path), *mode, "--out", str(tmp_path / "o"),
+                                "--batch-size", "100000000"])
+    assert generate.run_batch(args) == batch
+
+
 def test_latents_drawn_batch_by_batch_equal_one_draw():
     for dist in ("uniform", "normal"):
         rng = np.random.default_rng(SEED)
