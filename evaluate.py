@@ -366,7 +366,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    return runs.cli(main, argv, errors=(EvalError,))
+    return runs.cli(main, argv, errors=(EvalError, OSError))
 
 
 if __name__ == "__main__":

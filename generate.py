@@ -521,7 +521,7 @@ def run_batch(args):
 
 
 def cli(argv=None):
-    return runs.cli(main, argv)
+    return runs.cli(main, argv, errors=(OSError,))  # an --out it cannot write, say
 
 
 if __name__ == "__main__":

@@ -690,7 +690,7 @@ def cli(argv=None):
     try:
         return runs.cli(main, argv)
     except OSError as e:  # a full disk while writing samples or the log, say
-        print(f"error: {e}; the newest complete checkpoint is kept", file=sys.stderr)
+        print(f"error: {e}; any checkpoint written before it is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the loop takes Ctrl-C over
         print("stopped by Ctrl-C during start-up: no step was trained and nothing was saved; "

@@ -289,6 +289,15 @@ def test_saved_model_reproduces_generate_in_a_fresh_process(gen, modes):
     assert info["z_dim"] == z.shape[1] and info["step"] == 40
 
 
+@pytest.mark.parametrize("mode", [["-n", "2"], ["--interpolate"]])
+def test_an_out_it_cannot_write_is_one_error_line(smoke_run, tmp_path, capsys, mode):
+    (tmp_path / "a_file").write_text("mine")
+    code = generate.cli(["--checkpoint", smoke_run, *mode, "--out", str(tmp_path / "a_file" / "sub")])
+    assert code == 2 and error_lines(capsys.readouterr().err) == [
+        f"error: [Errno 20] Not a directory: '{tmp_path / 'a_file' / 'sub'}'"]
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_export_refuses_a_folder_in_use(smoke_run, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path)])
