@@ -24,6 +24,7 @@ import metrics
 import runs
 
 MIN_IMAGES = 4  # per set: two halves of two images at least
+MIN_SIDE = 8  # pixels a side: the smallest model.image_size, and more than SWD's patch
 HOLDOUT_SPLIT = "holdout"
 
 HELP_EPILOG = """\
@@ -318,6 +319,10 @@ def main(argv=None):
     else:
         fake_files, _ = list_set(args.fake, "fake")
         image_size = native_side(image_sizes(fake_files))
+        if image_size < MIN_SIDE:
+            raise EvalError(f"--fake '{args.fake}' holds images of {image_size} pixels a side; the "
+                            f"metrics need at least {MIN_SIDE}x{MIN_SIDE} (SWD compares "
+                            f"{metrics.SWD_PATCH}x{metrics.SWD_PATCH} patches)")
 
     t = time.time()
     real, real_desc = load_set(args.real, "real", image_size, args.n, args.seed, notes, load_size)

@@ -84,6 +84,14 @@ def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_fakes_too_small_for_the_metrics_are_one_error_line(tmp_path, capsys):
+    tiny = write_tiles(str(tmp_path / "tiny"), 6, size=4)
+    assert evaluate.cli(["--real", SAMPLE, "--fake", tiny, "-n", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --fake '{tiny}' holds images of 4 pixels a side; the metrics need at "
+                   f"least 8x8 (SWD compares 7x7 patches)\n")
+
+
 def test_json_naming_a_folder_is_refused_before_any_work(tmp_path, capsys):
     # --real does not exist either: the --json error coming first shows nothing was read.
     assert evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE, "--json", str(tmp_path)]) == 2
