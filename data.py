@@ -52,6 +52,7 @@ class Advice:
     gray_as_rgb: str = "set data.grayscale=convert to train on it as colour"
     small: str = "use larger images, or a smaller model.image_size (and data.load_size)"
     unreadable: str = "set data.bad_files=skip to drop unreadable files"
+    run_folder: str = "set data.path to a folder of tiles"
 
 
 TRAIN_ADVICE = Advice()
@@ -69,7 +70,9 @@ def option_advice(option):
                   grayscale=f"give {option} colour images",
                   gray_as_rgb=f"give {option} colour images",
                   small=f"give {option} larger images",
-                  unreadable=f"remove or replace them in {option}")
+                  unreadable=f"remove or replace them in {option}",
+                  run_folder=f"give {option} a folder of tiles (generate.py and evaluate.py "
+                             f"take a run's generator with --checkpoint)")
 
 
 # ---------------------------------------------------------------- finding files
@@ -80,7 +83,8 @@ def find_images(path, split="train", advice=TRAIN_ADVICE):
     A folder holding a manifest.csv is read through its manifest, so the
     bundled sample's holdout tiles never leak into training. Hidden files and
     folders (names starting with '.') are left out; symlinked folders are
-    followed, each real folder once, so a link loop ends.
+    followed, each real folder once, so a link loop ends. A run folder of
+    train.py is refused: its sample grids are not tiles.
     """
     if not os.path.exists(path):
         raise DataError(f"{advice.source} '{path}' does not exist; {advice.missing}")
@@ -90,8 +94,12 @@ def find_images(path, split="train", advice=TRAIN_ADVICE):
         if os.path.basename(path).lower().endswith(".csv"):
             return _manifest_files(path, split)
         return [path]
-    files = [os.path.join(root, n) for root, names in walk(path) for n in names
-             if n.lower().endswith(IMAGE_EXTENSIONS)]
+    files = []
+    for root, names in walk(path):
+        if "config.json" in names and os.path.isdir(os.path.join(root, "checkpoints")):
+            raise DataError(f"'{root}' is a run folder of train.py: its samples/ hold grids of "
+                            f"fakes, not tiles; {advice.run_folder}")
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(f"no image files (.png, .jpg, .tif, ...) found under '{path}'")
     return files

@@ -268,6 +268,21 @@ def test_unreadable_manifests_and_unnamed_rows_are_named(tmp_path):
         data.find_images(gap, "train")
 
 
+def test_a_run_folder_is_not_read_as_tiles(tmp_path):
+    """Its samples/ are grids of fakes; evaluate.py --fake RUN judged those grids as fakes."""
+    run = tmp_path / "tiles" / "runs" / "cpu-1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "samples").mkdir()
+    (run / "config.json").write_text("{}")
+    save(str(run / "samples"), "step-000010.png", rgb())
+    save(str(tmp_path / "tiles"), "t0.png", rgb())
+    with pytest.raises(data.DataError, match=f"'{run}' is a run folder of train.py: .*; "
+                                             f"set data.path to a folder of tiles"):
+        data.find_images(str(tmp_path / "tiles"))
+    with pytest.raises(data.DataError, match="give --fake a folder of tiles .* --checkpoint"):
+        data.find_images(str(run), advice=data.option_advice("--fake"))
+
+
 def test_batches_cover_each_epoch_and_depend_only_on_seed_and_step():
     seen = np.concatenate([data.batch_indices(s, 8, 20, seed=3) for s in range(5)])  # 2 epochs
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:40]) == list(range(20))
