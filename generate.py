@@ -43,6 +43,7 @@ ANSWER_RGB = (255, 0, 0)  # the frame around a fake in answer.png
 # Independent random streams of one --seed (the latents use the seed alone).
 PATTERN_STREAM, REALS_STREAM = 1, 2
 MAX_BATCH = 1024        # images per session run at most: a larger batch only costs memory
+MAX_CELLS = 4096        # cells of a quiz or interpolation picture (64 px each: ~50 MB)
 PROGRESS_QUIET_S = 2.0  # runs shorter than this print no progress
 PROGRESS_EVERY_S = 10.0  # otherwise a line every 10% done or this often
 
@@ -373,11 +374,15 @@ def export_saved_model(prefix, run_dir, cfg, export_dir, step):
         signature = tf1.saved_model.predict_signature_def({"z": z_in}, {"images": images_out})
         with tf1.Session(graph=graph) as sess:
             restore_generator(sess, graph, prefix, run_dir)
-            builder = tf1.saved_model.Builder(export_dir)
-            builder.add_meta_graph_and_variables(
-                sess, [tf1.saved_model.tag_constants.SERVING],
-                signature_def_map={"serving_default": signature}, strip_default_attrs=True)
-            builder.save()
+            try:
+                builder = tf1.saved_model.Builder(export_dir)
+                builder.add_meta_graph_and_variables(
+                    sess, [tf1.saved_model.tag_constants.SERVING],
+                    signature_def_map={"serving_default": signature}, strip_default_attrs=True)
+                builder.save()
+            except tf.errors.OpError as e:  # TensorFlow's own file errors are not OSErrors
+                raise runs.RunError(f"--export '{export_dir}' cannot be written: "
+                                    f"{e.message.splitlines()[0]}") from None
     # Not read by TensorFlow: what a user needs to feed the model, and where it came from.
     extra = os.path.join(export_dir, "assets.extra")
     os.makedirs(extra, exist_ok=True)
@@ -487,6 +492,13 @@ def parse_args(argv):
         if getattr(args, name) < low:
             flag = "-n" if name == "n" else f"--{name.replace('_', '-')}"
             p.error(f"{flag} must be >= {low}, got {getattr(args, name)}")
+    grids = {"turing": ("rows", "cols"), "interpolate": ("points", "frames")}
+    if chosen in grids:  # one picture holds them all: its size is what runs out
+        a, b = grids[chosen]
+        cells = getattr(args, a) * getattr(args, b)
+        if cells > MAX_CELLS:
+            p.error(f"--{a} {getattr(args, a)} x --{b} {getattr(args, b)} makes {cells:,} "
+                    f"pictures in one image; at most {MAX_CELLS:,}")
     args.mode = chosen
     return args
 

@@ -133,6 +133,14 @@ def test_a_huge_batch_size_is_cut_to_what_the_mode_makes(mode, batch, tmp_path):
     assert generate.run_batch(args) == batch
 
 
+@pytest.mark.parametrize("mode", [["--interpolate", "--points", "100000", "--frames", "100000"],
+                                  ["--turing", "--real", "data", "--rows", "100", "--cols", "100"]])
+def test_a_picture_too_large_for_memory_is_refused_up_front(mode, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        generate.parse_args(["--checkpoint", str(tmp_path), *mode, "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "pictures in one image; at most 4,096" in capsys.readouterr().err
+
+
 def test_latents_drawn_batch_by_batch_equal_one_draw():
     for dist in ("uniform", "normal"):
         rng = np.random.default_rng(SEED)
@@ -287,6 +295,14 @@ def test_saved_model_reproduces_generate_in_a_fresh_process(gen, modes):
     assert np.abs(first.astype(int) - expected[:1]).max() <= 1
     info = json.loads((export / "assets.extra" / "satgan.json").read_text())
     assert info["z_dim"] == z.shape[1] and info["step"] == 40
+
+
+def test_an_export_it_cannot_write_is_one_error_line(smoke_run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("mine")
+    code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path / "a_file" / "sub")])
+    assert code == 2 and error_lines(capsys.readouterr().err) == [
+        f"error: --export '{tmp_path / 'a_file' / 'sub'}' cannot be written: "
+        f"{tmp_path / 'a_file'} is not a directory"]
 
 
 @pytest.mark.parametrize("mode", [["-n", "2"], ["--interpolate"]])
