@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MANIFEST = "manifest.csv"
@@ -177,7 +177,8 @@ def read_tile(path, image_size, grayscale="error", advice=TRAIN_ADVICE):
     try:
         with Image.open(path) as img:
             img.load()
-            array, mode = _to_rgb(img, grayscale, advice)
+            upright = ImageOps.exif_transpose(img)  # as a viewer shows it (EXIF orientation)
+            array, mode = _to_rgb(upright, grayscale, advice)
     except TileError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

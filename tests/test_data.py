@@ -58,6 +58,15 @@ def test_every_problem_is_reported_at_once_by_file_name(tmp_path):
         assert path in message and why in message
 
 
+def test_an_exif_orientation_is_applied_as_a_viewer_would(tmp_path):
+    stored = rgb(3, size=16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    Image.fromarray(stored).save(tmp_path / "turned.png", exif=exif)
+    tiles, _ = data.load_tiles(str(tmp_path), image_size=16)
+    np.testing.assert_array_equal(tiles[0], np.rot90(stored, k=-1))
+
+
 def test_grayscale_can_be_converted_on_request(tmp_path):
     folder = str(tmp_path)
     save(folder, "gray.png", rgb()[:, :, 0])
