@@ -150,14 +150,18 @@ def read_manifest(path):
 def _manifest_files(path, split):
     folder = os.path.dirname(os.path.abspath(path))
     rows = read_manifest(path)
-    if rows and "file" not in rows[0]:
-        raise DataError(f"manifest '{path}' has no 'file' column (expected file,source,x,y,split)")
+    for column in ("file", "split") if split else ("file",):
+        if rows and column not in rows[0]:
+            raise DataError(f"manifest '{path}' has no '{column}' column (expected "
+                            f"file,source,x,y,split)" + (f", so no rows of split '{split}'; read "
+                                                         f"every row with an empty split"
+                                                         if column == "split" else ""))
     chosen = [(line, r) for line, r in enumerate(rows, start=2)
               if not split or r.get("split", "") == split]
     if not chosen:
         splits = sorted({r.get("split", "") for r in rows})
         raise DataError(f"manifest '{path}' has no rows of split '{split}'; "
-                        f"it has: {', '.join(splits) or 'no rows'}")
+                        f"it has: {', '.join(map(repr, splits)) or 'no rows'}")
     unnamed = [str(line) for line, r in chosen if not r["file"]]
     if unnamed:
         raise DataError(f"manifest '{path}' has rows without a file name (line "

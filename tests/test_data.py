@@ -275,6 +275,11 @@ def test_unreadable_manifests_and_unnamed_rows_are_named(tmp_path):
     gap = write_manifest(tmp_path / "gap", "file,split\nt0.png,train\n,train\nt1.png,train\n")
     with pytest.raises(data.DataError, match=r"rows without a file name \(line 3\)"):
         data.find_images(gap, "train")
+    (tmp_path / "nosplit").mkdir()
+    nosplit = write_manifest(tmp_path / "nosplit", "file\nt0.png\nt1.png\n")
+    with pytest.raises(data.DataError, match="has no 'split' column .*, so no rows of split 'train'"):
+        data.find_images(nosplit, "train")
+    assert len(data.find_images(nosplit, "")) == 2
 
 
 def test_a_run_folder_is_not_read_as_tiles(tmp_path):
