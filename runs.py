@@ -362,8 +362,8 @@ def release_lock(lock):
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 os.remove(path)
-        except FileNotFoundError:
-            pass
+        except OSError:  # gone, or a folder made read-only: the flock ends with close anyway,
+            pass         # and an error that stopped the run must not be replaced by this one
         os.close(fd)
 
 

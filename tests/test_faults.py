@@ -752,6 +752,23 @@ def test_the_lock_of_a_killed_run_is_taken_over_even_before_it_is_reaped(faulty_
     assert not os.path.exists(os.path.join(run, "lock"))
 
 
+def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_that_stopped_the_run(
+        tmp_path, monkeypatch):
+    """A run folder made read-only mid-run: the failed checkpoint write must be the message."""
+    lock = runs.acquire_lock(str(tmp_path))
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(runs.os, "remove", read_only)
+    with pytest.raises(OSError, match="checkpoint write failed"):
+        try:
+            raise OSError("checkpoint write failed")
+        finally:
+            runs.release_lock(lock)
+    monkeypatch.undo()
+    runs.release_lock(runs.acquire_lock(str(tmp_path)))  # and the flock is free
+
+
 def test_lock_ignores_a_recorded_pid_that_belongs_to_another_process(tmp_path, monkeypatch):
     """A lock file left by a dead run whose PID the system gave to a live process
     (here PID 1) is stale; judged by flock, or by PID and start time without flock."""
