@@ -221,6 +221,9 @@ def from_dict(raw, where="config"):
 
 
 def read_json(path):
+    if os.path.isdir(path):
+        raise ConfigError(f"config file '{path}' is a folder; give a JSON file such as "
+                          f"configs/cpu.json (or its run's config.json)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist; "
                           f"pick one of configs/*.json or give a path to your own")

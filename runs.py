@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import zipfile
@@ -120,10 +121,12 @@ def resolve_checkpoint(arg):
             ckpt_dir = arg
         prefix = newest_checkpoint(ckpt_dir)
         if prefix is None:
-            hint = (f"; it stopped before its first checkpoint: start it again with "
-                    f"--config {os.path.join(arg, 'config.json')} --out {arg}"
-                    if os.path.isfile(os.path.join(arg, "config.json")) else "")
-            raise RunError(f"no checkpoint found in '{arg}'{hint}; give a run folder that has "
+            if os.path.isfile(os.path.join(arg, "config.json")):
+                raise RunError(f"no checkpoint found in '{arg}': it stopped before its first "
+                               f"checkpoint; start it again with --config "
+                               f"{shlex.quote(os.path.join(arg, 'config.json'))} --out "
+                               f"{shlex.quote(arg)}")
+            raise RunError(f"no checkpoint found in '{arg}'; give a run folder that has "
                            f"complete checkpoints/model-N files, or a prefix like "
                            f"RUN/checkpoints/model-500")
     else:

@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -341,6 +342,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.config and not args.resume:
         p.error("give --config (e.g. configs/cpu.json) or --resume RUN_DIR")
+    for name in ("config", "out", "resume"):  # --out=~/x and '~/x' reach us unexpanded
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     return args
 
 
@@ -383,7 +387,7 @@ def open_run(args):
     runs.check_unlocked(run_dir)
     if runs.newest_checkpoint(os.path.join(run_dir, runs.CHECKPOINTS)):
         raise runs.RunError(f"'{run_dir}' already holds a run; continue it with "
-                            f"--resume {run_dir}, or choose another --out")
+                            f"--resume {shlex.quote(run_dir)}, or choose another --out")
     return cfg, run_dir, None, {}
 
 
@@ -468,7 +472,7 @@ def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z, name="model"):
         raise runs.RunError(f"step {step}: writing checkpoint '{prefix}' failed "
                             f"({error_cause(e)}); training stopped, the older checkpoints "
                             f"are kept: fix the cause (disk space, permissions) and "
-                            f"--resume {os.path.dirname(ckpt_dir)}") from None
+                            f"--resume {shlex.quote(os.path.dirname(ckpt_dir))}") from None
     runs.remove_leftovers(ckpt_dir)
     return prefix
 
@@ -477,7 +481,7 @@ def diverged(step, record, bad, run_dir, saved_step):
     """The error for a non-finite loss: no checkpoint is written after it."""
     good = os.path.join(run_dir, runs.CHECKPOINTS, f"model-{saved_step}")
     kept = (f"the last good checkpoint, {good}, is kept: lower train.lr_disc / train.lr_gen "
-            f"and --resume {run_dir}" if saved_step
+            f"and --resume {shlex.quote(run_dir)}" if saved_step
             else "no checkpoint was written before it: start again with lower learning rates")
     return runs.RunError(f"step {step}: {', '.join(bad)} became {record[bad[0]]}; "
                          f"training stopped; {kept}")
@@ -662,11 +666,12 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
 def stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z, records):
     """Checkpoint `step` for a run that stops early (unless it is saved); says how to go on."""
     if step == 0:
-        return f"no step was trained; start it again with --config {run_dir}/config.json --out {run_dir}"
+        return (f"no step was trained; start it again with --config "
+                f"{shlex.quote(os.path.join(run_dir, 'config.json'))} --out {shlex.quote(run_dir)}")
     if saved_step != step:
         save_checkpoint(sess, g, os.path.join(run_dir, runs.CHECKPOINTS), step, cache, sample_z)
         plot_losses(records, os.path.join(run_dir, "losses.png"))
-    return f"checkpoint saved. Continue with: python train.py --resume {run_dir}"
+    return f"checkpoint saved. Continue with: python train.py --resume {shlex.quote(run_dir)}"
 
 
 def to_u8(image):

@@ -173,6 +173,23 @@ def test_a_data_path_from_home_is_expanded(tmp_path, monkeypatch):
     assert cfg.data.path == str(tmp_path / "tiles")
 
 
+def test_paths_from_home_and_with_spaces_are_taken_and_quoted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train.parse_args(["--config", "~/c.json", "--out", "~/my run", "--resume", "~/r"])
+    assert (args.config, args.out, args.resume) == (
+        str(tmp_path / "c.json"), str(tmp_path / "my run"), str(tmp_path / "r"))
+    # A command printed to continue must survive being pasted into a shell.
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "config.json").write_text("{}")
+    with pytest.raises(train.runs.RunError, match="--out '.*/my run'$"):
+        train.runs.resolve_checkpoint(str(tmp_path / "my run"))
+
+
+def test_a_config_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(config.ConfigError, match="is a folder; give a JSON file"):
+        config.load(str(tmp_path))
+
+
 def test_the_last_step_is_logged_whatever_log_every(tmp_path):
     code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
                       "--set", "train.steps=6", "--set", "train.log_every=4",
