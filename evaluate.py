@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from PIL import Image
 
+import config as config_lib
 import data
 import metrics
 import runs
@@ -217,10 +218,10 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
 
 # ---------------------------------------------------------------- fakes
 
-def generate_fakes(checkpoint, n, seed):
+def generate_fakes(checkpoint, n, seed, threads=0):
     """(uint8 fakes [n, S, S, 3], step, run config, prefix) from a checkpoint in inference mode."""
     import generate  # the generator's graph is built only when a checkpoint is evaluated
-    gen = generate.Generator(checkpoint)
+    gen = generate.Generator(checkpoint, threads=threads)
     every = max(gen.batch_size, n // 4 // gen.batch_size * gen.batch_size)
 
     def progress(done, total):
@@ -291,11 +292,17 @@ def parse_args(argv):
                    help="held-out real tiles for the memorisation check (default: the training "
                         "manifest's holdout split)")
     p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    p.add_argument("--threads", type=int, metavar="T", default=0,
+                   help="intra-op threads of TensorFlow's work (default: all cores below 4, "
+                        "else cores - 1)")
     args = p.parse_args(argv)
     if args.n < MIN_IMAGES:
         p.error(f"-n must be at least {MIN_IMAGES}")
     if args.seed < 0:
         p.error("--seed must be >= 0")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
+    args.threads = args.threads or config_lib.default_threads()  # Lesson 28
     return args
 
 
@@ -333,7 +340,8 @@ def main(argv=None):
     if args.checkpoint:
         t = time.time()
         print(f"generating {len(real)} fakes with {prefix} ...", flush=True)
-        fake, step, run_cfg, prefix = generate_fakes(args.checkpoint, len(real), args.seed)
+        fake, step, run_cfg, prefix = generate_fakes(args.checkpoint, len(real), args.seed,
+                                                         args.threads)
         timings["generate"] = time.time() - t
         fake_desc = f"checkpoint {prefix} (step {step})"
         checkpoint_info = {"checkpoint": prefix, "checkpoint_step": step}
@@ -351,7 +359,8 @@ def main(argv=None):
 
     print(f"evaluating {m} fakes from {fake_desc} against {m} reals from {real_desc}, "
           f"{image_size}x{image_size}, seed {args.seed} ...", flush=True)
-    results = metrics.evaluate_sets(real, fake, train, holdout, seed=args.seed, dihedral=dihedral)
+    results = metrics.evaluate_sets(real, fake, train, holdout, seed=args.seed, dihedral=dihedral,
+                                    threads=args.threads)
     timings.update(results.pop("timings"))
     timings["total"] = time.time() - started
     report = {"real": real_desc, "fake": fake_desc, **found, "image_size": image_size,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import config as config_lib
 import data
 import evaluate
 from conftest import ROOT, run_script, write_tiles
@@ -90,6 +91,22 @@ def test_fakes_too_small_for_the_metrics_are_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"error: --fake '{tiny}' holds images of 4 pixels a side; the metrics need at "
                    f"least 8x8 (SWD compares 7x7 patches)\n")
+
+
+def test_threads_leave_a_core_free_by_default_and_reach_the_metrics(monkeypatch, tmp_path):
+    """Lesson 28 for evaluate.py too; what it is given reaches every TensorFlow session."""
+    monkeypatch.setattr(config_lib.os, "cpu_count", lambda: 8)
+    assert evaluate.parse_args(["--real", SAMPLE, "--fake", SAMPLE]).threads == 7
+    class Reached(Exception):
+        pass
+
+    def metrics_called(*args, threads, **kwargs):
+        raise Reached(threads)
+    monkeypatch.setattr(evaluate.metrics, "evaluate_sets", metrics_called)
+    with pytest.raises(Reached) as reached:
+        evaluate.main(["--real", SAMPLE, "--fake", write_tiles(str(tmp_path / "f"), 6, size=32),
+                       "-n", "6", "--threads", "1"])
+    assert reached.value.args == (1,)
 
 
 def test_json_naming_a_folder_is_refused_before_any_work(tmp_path, capsys):
