@@ -383,12 +383,27 @@ def open_run(args):
     run_dir = args.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise runs.RunError(f"--out '{run_dir}' is a file; give a folder for the run")
+    check_creatable(run_dir)
     check_outside_data(run_dir, cfg.data.path)
     runs.check_unlocked(run_dir)
     if runs.newest_checkpoint(os.path.join(run_dir, runs.CHECKPOINTS)):
         raise runs.RunError(f"'{run_dir}' already holds a run; continue it with "
                             f"--resume {shlex.quote(run_dir)}, or choose another --out")
     return cfg, run_dir, None, {}
+
+
+def check_creatable(run_dir):
+    """Before the data are read: the run folder exists or its nearest existing parent is a
+    folder this process may write in."""
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise runs.RunError(f"--out '{run_dir}' lies under '{parent}', which is a file; "
+                            f"give a folder for the run")
+    if parent != os.path.abspath(run_dir) and not os.access(parent, os.W_OK | os.X_OK):
+        raise runs.RunError(f"--out '{run_dir}' cannot be made: '{parent}' is not writable; "
+                            f"choose another --out")
 
 
 def absolute_data_path(cfg):

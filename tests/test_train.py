@@ -185,6 +185,16 @@ def test_paths_from_home_and_with_spaces_are_taken_and_quoted(tmp_path, monkeypa
         train.runs.resolve_checkpoint(str(tmp_path / "my run"))
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_the_data_are_read(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("mine")
+    smoke = os.path.join(ROOT, "configs", "smoke.json")
+    with pytest.raises(train.runs.RunError, match="lies under '.*a_file', which is a file"):
+        train.open_run(train.parse_args(["--config", smoke, "--out", str(tmp_path / "a_file/x/run")]))
+    monkeypatch.setattr(train.os, "access", lambda path, mode: path != str(tmp_path))
+    with pytest.raises(train.runs.RunError, match=f"'{tmp_path}' is not writable"):
+        train.open_run(train.parse_args(["--config", smoke, "--out", str(tmp_path / "run")]))
+
+
 def test_a_config_that_is_a_folder_says_so(tmp_path):
     with pytest.raises(config.ConfigError, match="is a folder; give a JSON file"):
         config.load(str(tmp_path))
