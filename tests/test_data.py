@@ -67,6 +67,13 @@ def test_an_exif_orientation_is_applied_as_a_viewer_would(tmp_path):
     np.testing.assert_array_equal(tiles[0], np.rot90(stored, k=-1))
 
 
+def test_gif_tiles_are_read_like_any_palette_image(tmp_path):
+    """A downloader's GIF tiles were passed over: 'no image files found'."""
+    Image.fromarray(rgb(4, size=16)).convert("P").save(tmp_path / "t.GIF")
+    tiles, files = data.load_tiles(str(tmp_path), image_size=16)
+    assert files == [str(tmp_path / "t.GIF")] and tiles.shape == (1, 16, 16, 3)
+
+
 def test_grayscale_can_be_converted_on_request(tmp_path):
     folder = str(tmp_path)
     save(folder, "gray.png", rgb()[:, :, 0])
