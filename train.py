@@ -342,9 +342,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.config and not args.resume:
         p.error("give --config (e.g. configs/cpu.json) or --resume RUN_DIR")
-    for name in ("config", "out", "resume"):  # --out=~/x and '~/x' reach us unexpanded
-        if getattr(args, name):
-            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    runs.expand_home(args, ("config", "out", "resume"))
     return args
 
 

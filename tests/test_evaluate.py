@@ -109,6 +109,13 @@ def test_threads_leave_a_core_free_by_default_and_reach_the_metrics(monkeypatch,
     assert reached.value.args == (1,)
 
 
+def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = evaluate.parse_args(["--real", "~/data:holdout", "--fake", "~/fakes", "--json", "~/e.json"])
+    assert (args.real, args.fake, args.json) == (
+        f"{tmp_path}/data:holdout", str(tmp_path / "fakes"), str(tmp_path / "e.json"))
+
+
 def test_json_naming_a_folder_is_refused_before_any_work(tmp_path, capsys):
     # --real does not exist either: the --json error coming first shows nothing was read.
     assert evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE, "--json", str(tmp_path)]) == 2

@@ -141,6 +141,15 @@ def test_a_picture_too_large_for_memory_is_refused_up_front(mode, tmp_path, caps
     assert stop.value.code == 2 and "pictures in one image; at most 4,096" in capsys.readouterr().err
 
 
+def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
+    """--out '~/x' made a folder called '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = generate.parse_args(["--checkpoint", "~/run", "--turing", "--real", "~/tiles",
+                                "--out", "~/quiz"])
+    assert (args.checkpoint, args.real, args.out) == (
+        str(tmp_path / "run"), str(tmp_path / "tiles"), str(tmp_path / "quiz"))
+
+
 def test_latents_drawn_batch_by_batch_equal_one_draw():
     for dist in ("uniform", "normal"):
         rng = np.random.default_rng(SEED)
