@@ -312,9 +312,11 @@ def main(argv=None):
     if args.json and os.path.isdir(args.json):
         raise EvalError(f"--json '{args.json}' is a folder; give a file name "
                         f"(e.g. {os.path.join(args.json, 'eval.json')})")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise EvalError(f"--json: folder '{os.path.dirname(os.path.abspath(args.json))}' "
-                        f"does not exist")
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if folder and not os.path.isdir(folder):
+        raise EvalError(f"--json: folder '{folder}' does not exist")
+    if folder and not os.access(folder, os.W_OK | os.X_OK):  # found out before, not after, the work
+        raise EvalError(f"--json: folder '{folder}' is not writable; give another --json")
     started = time.time()
     notes, timings, checkpoint_info = [], {}, {}
 

@@ -109,6 +109,14 @@ def test_threads_leave_a_core_free_by_default_and_reach_the_metrics(monkeypatch,
     assert reached.value.args == (1,)
 
 
+def test_json_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: path != str(tmp_path))
+    assert evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE,
+                         "--json", str(tmp_path / "eval.json")]) == 2
+    assert capsys.readouterr().err == (f"error: --json: folder '{tmp_path}' is not writable; "
+                                       f"give another --json\n")
+
+
 def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = evaluate.parse_args(["--real", "~/data:holdout", "--fake", "~/fakes", "--json", "~/e.json"])
