@@ -703,17 +703,27 @@ def dump_samples(sess, g, sample_z, sample_dir, writer, step):
     tb_image(writer, "samples", picture, step)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before the loop takes it over: start-up ends as it does for Ctrl-C."""
+
+
+def _terminate(_signum, _frame):
+    raise Terminated
+
+
 def cli(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return runs.cli(main, argv)
     except OSError as e:  # a full disk while writing samples or the log, say
         print(f"error: {e}; any checkpoint written before it is kept", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the loop takes Ctrl-C over
-        print("stopped by Ctrl-C during start-up: no step was trained and nothing was saved; "
-              "run the command again", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before the loop takes Ctrl-C and SIGTERM over
+        by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"stopped by {by} during start-up: no step was trained and nothing was saved; "
+              f"run the command again", file=sys.stderr)
+        return 128 + (signal.SIGTERM if by == "SIGTERM" else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,24 @@ def test_ctrl_c_during_start_up_is_one_message_not_a_traceback(tmp_path, monkeyp
     assert "during start-up: no step was trained" in capsys.readouterr().err
 
 
+def test_sigterm_during_start_up_ends_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """It ended the process silently (exit 143), leaving the lock file behind."""
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    monkeypatch.setattr(data, "load_tiles", terminated)
+    def left_to_the_default(*_):  # what the process would do without cli's handler: die
+        raise RuntimeError("SIGTERM was not handled by train.cli")
+    before = signal.signal(signal.SIGTERM, left_to_the_default)
+    try:
+        code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
+                          "--out", str(tmp_path / "run")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143
+    assert "stopped by SIGTERM during start-up: no step was trained" in capsys.readouterr().err
+
+
 def test_config_json_names_the_data_by_an_absolute_path(smoke_run):
     """So a resume started from another folder trains on the same tiles."""
     with open(os.path.join(smoke_run, "config.json")) as f:
