@@ -122,6 +122,16 @@ def walk(folder):
         yield root, sorted(n for n in names if not n.startswith("."))
 
 
+def parse_set(text):
+    """(path, split or None) from PATH or PATH:SPLIT; "all" is every manifest row ("")."""
+    if os.path.exists(text) or ":" not in text:
+        return text, None
+    path, split = text.rsplit(":", 1)
+    if not path or not split:
+        raise DataError(f"'{text}' is neither an existing path nor PATH:SPLIT (e.g. data:holdout)")
+    return path, "" if split == "all" else split
+
+
 def manifest_splits(path):
     """The splits a folder's or file's manifest.csv names; empty for a plain folder."""
     if os.path.isdir(path):

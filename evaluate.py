@@ -81,16 +81,6 @@ class EvalError(ValueError):
 
 # ---------------------------------------------------------------- image sets
 
-def parse_set(text):
-    """(path, split or None) from PATH or PATH:SPLIT; "all" is every manifest row ("")."""
-    if os.path.exists(text) or ":" not in text:
-        return text, None
-    path, split = text.rsplit(":", 1)
-    if not path or not split:
-        raise EvalError(f"'{text}' is neither an existing path nor PATH:SPLIT (e.g. data:holdout)")
-    return path, "" if split == "all" else split
-
-
 def is_manifest(path):
     if os.path.isdir(path):
         return os.path.isfile(os.path.join(path, data.MANIFEST))
@@ -105,7 +95,7 @@ def describe(path, split):
 
 def list_set(text, what):
     """(files, description) of one image set."""
-    path, split = parse_set(text)
+    path, split = data.parse_set(text)
     if not os.path.exists(path):
         raise EvalError(f"{what} '{path}' does not exist; give a folder of images, a manifest.csv "
                         f"or PATH:SPLIT (see --help)")
@@ -196,7 +186,7 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
 
     holdout_text = args.holdout
     if holdout_text is None:
-        path, split = parse_set(train_text)
+        path, split = data.parse_set(train_text)
         split = "train" if split is None else split
         if not is_manifest(path):
             notes.append("nn_holdout_to_train omitted: the training set is a plain folder; "

@@ -238,17 +238,17 @@ def make_quiz(gen, args):
     n_fakes = int(mask.sum())
     n_reals = mask.size - n_fakes
 
-    split = default_split(args.real) if args.split is None else args.split
-    if not os.path.exists(args.real) and ":" in args.real and os.path.exists(
-            args.real.rpartition(":")[0]):
-        path, _, named = args.real.rpartition(":")
-        raise runs.RunError(f"--real '{args.real}' does not exist; to take split '{named}' of "
-                            f"{path}, give --real {path} --split {named}")
-    tiles, files = data.load_tiles(args.real, split, config_lib.load_size(gen.cfg),
+    real, named = data.parse_set(args.real)  # PATH or PATH:SPLIT, as evaluate.py reads it
+    if named is not None and args.split is not None and named != args.split:
+        raise runs.RunError(f"--real '{args.real}' names split '{named}' and --split "
+                            f"'{args.split}' another; give one")
+    split = named if named is not None else args.split
+    split = default_split(real) if split is None else split
+    tiles, files = data.load_tiles(real, split, config_lib.load_size(gen.cfg),
                                    gen.cfg.data.grayscale, advice=data.option_advice("--real"),
                                    log=lambda text: print(text, file=sys.stderr))
     if len(files) < n_reals:
-        raise runs.RunError(f"'{args.real}' holds {len(files)} real tiles"
+        raise runs.RunError(f"'{real}' holds {len(files)} real tiles"
                             + (f" of split '{split}'" if split else "")
                             + f", but a {rows}x{cols} quiz with {n_fakes} fakes needs {n_reals}; "
                             f"give a folder with more tiles or use a smaller --rows/--cols")
@@ -268,7 +268,7 @@ def make_quiz(gen, args):
         "reals": [{"row": int(r), "col": int(c), "file": os.path.abspath(files[i])}
                   for (r, c), i in zip(real_cells, chosen)],
         "checkpoint": os.path.abspath(gen.prefix), "step": gen.step, "seed": args.seed,
-        "real_source": os.path.abspath(args.real), "split": split,
+        "real_source": os.path.abspath(real), "split": split,
         "cell_px": cell_px, "gap_px": GAP_PX,
     }
     outputs = {"quiz.png": quiz, "answer.png": mark_answer(quiz, mask, cell_px)}
@@ -277,7 +277,7 @@ def make_quiz(gen, args):
         save_png(os.path.join(args.out, name), picture)
     with open(os.path.join(args.out, "answer.json"), "w") as f:
         f.write(answer_json(answer))
-    source = f"{args.real}" + (f" (split {split})" if split else "")
+    source = f"{real}" + (f" (split {split})" if split else "")
     return (f"wrote quiz.png ({rows}x{cols} tiles: {n_fakes} fakes in the {args.pattern} "
             f"pattern, {n_reals} real tiles from {source}), answer.png and answer.json "
             f"to {args.out}{replaced}")
@@ -455,9 +455,9 @@ def parse_args(argv):
                    help="seeds the latents, the quiz pattern and the choice of reals (default 0)")
     p.add_argument("--threads", type=int, metavar="T", default=0,
                    help="intra-op threads (default: all cores below 4, else cores - 1)")
-    p.add_argument("--real", metavar="PATH",
-                   help="turing: real tiles, a folder or a manifest.csv (resized to the "
-                        "model's size)")
+    p.add_argument("--real", metavar="PATH[:SPLIT]",
+                   help="turing: real tiles, a folder or a manifest.csv, or PATH:SPLIT as "
+                        "evaluate.py takes it, e.g. data:holdout (resized to the model's size)")
     p.add_argument("--split", metavar="NAME",
                    help="turing: manifest split of --real (default: holdout if the manifest "
                         "has it, else train; '' = every row)")

@@ -168,10 +168,10 @@ def test_reals_of_a_load_size_run_are_windows_at_its_resolution(tmp_path):
 
 
 def test_set_syntax():
-    assert evaluate.parse_set("data:holdout") == ("data", "holdout")
-    assert evaluate.parse_set("data/manifest.csv:train") == ("data/manifest.csv", "train")
-    assert evaluate.parse_set("data:all") == ("data", "")  # every manifest row
-    assert evaluate.parse_set(SAMPLE) == (SAMPLE, None)
+    assert data.parse_set("data:holdout") == ("data", "holdout")
+    assert data.parse_set("data/manifest.csv:train") == ("data/manifest.csv", "train")
+    assert data.parse_set("data:all") == ("data", "")  # every manifest row
+    assert data.parse_set(SAMPLE) == (SAMPLE, None)
 
 
 @pytest.mark.slow

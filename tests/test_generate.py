@@ -398,12 +398,16 @@ def test_other_architecture_is_one_clear_line(smoke_run, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_real_given_as_path_colon_split_points_at_split(smoke_run, tmp_path, capsys):
+def test_real_takes_path_colon_split_like_evaluate(smoke_run, tmp_path, capsys):
     sample = os.path.join(ROOT, "data")
-    code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", f"{sample}:holdout",
-                         "--out", str(tmp_path / "quiz")])
-    err = capsys.readouterr().err
-    assert code == 2 and f"give --real {sample} --split holdout" in err
+    code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", f"{sample}:train",
+                         "--out", str(tmp_path / "quiz"), "--rows", "3", "--cols", "3"])
+    assert code == 0, capsys.readouterr().err
+    answer = json.loads((tmp_path / "quiz" / "answer.json").read_text())
+    assert answer["real_source"] == sample and answer["split"] == "train"
+    code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", f"{sample}:train",
+                         "--split", "holdout", "--out", str(tmp_path / "quiz2")])
+    assert code == 2 and "names split 'train' and --split 'holdout' another" in capsys.readouterr().err
 
 
 def test_export_onto_a_file_says_it_is_a_file(smoke_run, tmp_path, capsys):
