@@ -116,7 +116,7 @@ def image_sizes(files):
     return sizes
 
 
-def native_side(sizes, default=8):
+def native_side(sizes, default=MIN_SIDE):
     """A set's own size: the shortest side among its images, in pixels."""
     return min((min(size) for size in sizes.values()), default=default)
 
@@ -130,7 +130,7 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     """
     files, description = list_set(text, what)
     size_of = image_sizes(files)
-    side = native_side(size_of, image_size or 8)
+    side = native_side(size_of, image_size or MIN_SIDE)
     image_size = image_size or side
     read_size = max(load_size or 0, image_size)
     if side < read_size:

@@ -720,10 +720,11 @@ def cli(argv=None):
         print(f"error: {e}; any checkpoint written before it is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # before the loop takes Ctrl-C and SIGTERM over
-        by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        by, signum = ("SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else \
+            ("Ctrl-C", signal.SIGINT)
         print(f"stopped by {by} during start-up: no step was trained and nothing was saved; "
               f"run the command again", file=sys.stderr)
-        return 128 + (signal.SIGTERM if by == "SIGTERM" else signal.SIGINT)
+        return 128 + signum  # the shell's code for a process ended by that signal
 
 
 if __name__ == "__main__":
