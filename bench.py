@@ -30,10 +30,9 @@ def parse_args(argv):
                    help="time the 'before' graph: transposed-conv output shapes from tf.shape "
                         "and tf.nn.moments batch norm instead of static shapes and fused batch norm")
     args = p.parse_args(argv)
-    if args.json and os.path.isdir(args.json):
-        p.error(f"--json '{args.json}' is a folder; give a file name")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json: folder '{os.path.dirname(os.path.abspath(args.json))}' does not exist")
+    problem = args.json and config_lib.json_output_problem(args.json)
+    if problem:
+        p.error(problem)
     return args
 
 

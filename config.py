@@ -274,3 +274,18 @@ def default_threads(cores=None):
     """Lesson 28: leave one core free on machines with 4 or more cores."""
     cores = cores or os.cpu_count() or 1
     return cores - 1 if cores >= 4 else cores
+
+
+def json_output_problem(path):
+    """What is wrong with `path` as a --json file to write after long work, or None.
+
+    Checked before the work (evaluate.py, bench.py), so a typo does not cost the run."""
+    if os.path.isdir(path):
+        return (f"--json '{path}' is a folder; give a file name "
+                f"(e.g. {os.path.join(path, 'out.json')})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--json: folder '{folder}' does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--json: folder '{folder}' is not writable; give another --json"
+    return None

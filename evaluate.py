@@ -299,14 +299,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.json and os.path.isdir(args.json):
-        raise EvalError(f"--json '{args.json}' is a folder; give a file name "
-                        f"(e.g. {os.path.join(args.json, 'eval.json')})")
-    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
-    if folder and not os.path.isdir(folder):
-        raise EvalError(f"--json: folder '{folder}' does not exist")
-    if folder and not os.access(folder, os.W_OK | os.X_OK):  # found out before, not after, the work
-        raise EvalError(f"--json: folder '{folder}' is not writable; give another --json")
+    problem = args.json and config_lib.json_output_problem(args.json)
+    if problem:
+        raise EvalError(problem)
     started = time.time()
     notes, timings, checkpoint_info = [], {}, {}
 

@@ -71,6 +71,15 @@ def test_json_naming_a_folder_is_refused_before_the_benchmark(tmp_path):
     assert e.value.code == 2
 
 
+def test_json_in_a_folder_it_cannot_write_is_refused_before_the_benchmark(
+        tmp_path, monkeypatch, capsys):
+    """The same check as evaluate.py's (config.json_output_problem)."""
+    monkeypatch.setattr(config.os, "access", lambda path, mode: path != str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--json", str(tmp_path / "b.json")])
+    assert e.value.code == 2 and f"'{tmp_path}' is not writable" in capsys.readouterr().err
+
+
 def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32():
     """The ops a bf16 D update runs, as TensorFlow executed them after its rewrites."""
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), ["run.mixed_precision=bf16"])
