@@ -80,7 +80,9 @@ def net_flops(graph, scope):
 
     A convolution costs 2 * output pixels * k * k * C_in * C_out multiply-adds;
     a transposed one 2 * input pixels * k * k * C_in * C_out; a dense layer
-    2 * inputs * outputs. Batch norm, activations and Adam are left out (a few
+    2 * inputs * outputs, and so does the weights product of a layer model.py
+    computes as matrix products (its rows are pixels x images). Batch norm,
+    activations, Adam and those layers' window gathering are left out (a few
     percent at most).
     """
     total, first = 0, None
@@ -95,28 +97,43 @@ def net_flops(graph, scope):
             _, h, w, c_in = op.inputs[2].shape.as_list()
             kh, kw, c_out, _ = op.inputs[1].shape.as_list()
             flops = 2 * h * w * kh * kw * c_in * c_out
-        elif op.type == "MatMul":
-            n_in, n_out = op.inputs[1].shape.as_list()
-            flops = 2 * n_in * n_out
-        else:
+        elif op.type == "MatMul":  # a dense layer, or the weights product of a 4x4 layer
+            rows, cols = op.outputs[0].shape.as_list()
+            inner = op.inputs[0].shape.as_list()[0 if op.get_attr("transpose_a") else 1]
+            flops = 2 * rows // _images(op.inputs[0]) * cols * inner
+        else:  # the 4x4 layers' window gathering (BatchMatMulV2) moves data: not counted
             continue
         first = flops if first is None else first
         total += flops
     return total, first
 
 
+def _images(tensor):
+    """The batch size behind a matrix product's input: its leading size before reshapes."""
+    while tensor.op.type == "Reshape":
+        tensor = tensor.op.inputs[0]
+    return tensor.shape.as_list()[0]
+
+
 @contextlib.contextmanager
 def untuned_layers():
-    """model.py's two tuned layers swapped for their usual first drafts, for `--untuned`.
+    """model.py's tuned layers swapped for their usual first drafts, for `--untuned`.
 
     Same variables, same arithmetic: the transposed conv takes its output shape
-    from tf.shape at run time, and batch norm is tf.nn.moments plus
-    tf.nn.batch_normalization. The README's before/after row compares them.
+    from tf.shape at run time, batch norm is tf.nn.moments plus
+    tf.nn.batch_normalization, and the 4x4 layers are tf.nn convolutions, not
+    matrix products. The README's before/after row compares them.
     """
     import tensorflow as tf
     import model
     tf1 = tf.compat.v1
-    tuned = model.deconv2d, model.batch_norm
+    tuned = model.conv2d, model.deconv2d, model.batch_norm
+
+    def conv2d(x, filters, kernel, stride, name):
+        with tf1.variable_scope(name):
+            w = model._weight("w", [kernel, kernel, int(x.shape[-1]), filters])
+            y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME")
+            return tf.nn.bias_add(y, model._bias("b", filters))
 
     def deconv2d(x, filters, kernel, stride, name):
         with tf1.variable_scope(name):
@@ -143,11 +160,11 @@ def untuned_layers():
                     average * momentum + value * (1.0 - momentum)))
             return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-5)
 
-    model.deconv2d, model.batch_norm = deconv2d, batch_norm
+    model.conv2d, model.deconv2d, model.batch_norm = conv2d, deconv2d, batch_norm
     try:
         yield
     finally:
-        model.deconv2d, model.batch_norm = tuned
+        model.conv2d, model.deconv2d, model.batch_norm = tuned
 
 
 def step_flops(g_fwd, g_first, d_fwd, d_first, batch):

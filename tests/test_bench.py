@@ -15,21 +15,25 @@ from conftest import ROOT, run_script
 tf1 = tf.compat.v1
 
 
-def test_forward_flops_are_counted_from_layer_shapes():
+@pytest.mark.parametrize("filters", [16, 512])  # 512: the 4x4 layers are matrix products
+def test_forward_flops_are_counted_from_layer_shapes(filters):
+    f, half = filters, filters // 2
     graph = tf.Graph()
     with graph.as_default():
         z = tf1.placeholder(tf.float32, [2, 10])
-        fakes = model.generator(z, tf.constant(True), image_size=8, gen_filters=16, kernel=3,
+        fakes = model.generator(z, tf.constant(True), image_size=8, gen_filters=f, kernel=3,
                                 extra_layers=1)
-        model.discriminator(fakes, tf.constant(True), image_size=8, disc_filters=16, kernel=3,
+        model.discriminator(fakes, tf.constant(True), image_size=8, disc_filters=f, kernel=3,
                             extra_layers=1)
+    products = any(op.type == "BatchMatMulV2" for op in graph.get_operations())
+    assert products == (filters == 512)
     g_total, g_first = bench.net_flops(graph, "generator")
-    # dense 10 -> 4*4*16; up1 4x4x16 -> 8x8x8 (transposed: input pixels); same1 8x8x8 -> 8x8x3
-    dense, up1, same1 = 2 * 10 * 256, 2 * 16 * 9 * 16 * 8, 2 * 64 * 9 * 8 * 3
+    # dense 10 -> 4*4*f; up1 4x4xf -> 8x8xf/2 (transposed: input pixels); same1 8x8xf/2 -> 8x8x3
+    dense, up1, same1 = 2 * 10 * 16 * f, 2 * 16 * 9 * f * half, 2 * 64 * 9 * half * 3
     assert (g_total, g_first) == (dense + up1 + same1, dense)
     d_total, d_first = bench.net_flops(graph, "discriminator")
-    # same1 8x8x3 -> 8x8x8; down1 -> 4x4x16; logit 256 -> 1
-    conv1, down1, logit = 2 * 64 * 9 * 3 * 8, 2 * 16 * 9 * 8 * 16, 2 * 256
+    # same1 8x8x3 -> 8x8xf/2; down1 -> 4x4xf; logit 16f -> 1
+    conv1, down1, logit = 2 * 64 * 9 * 3 * half, 2 * 16 * 9 * half * f, 2 * 16 * f
     assert (d_total, d_first) == (conv1 + down1 + logit, conv1)
 
 
@@ -80,9 +84,11 @@ def test_json_in_a_folder_it_cannot_write_is_refused_before_the_benchmark(
     assert e.value.code == 2 and f"'{tmp_path}' is not writable" in capsys.readouterr().err
 
 
-def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32():
+@pytest.mark.parametrize("wide", [False, True])  # wide: the 4x4 layers are matrix products
+def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32(wide):
     """The ops a bf16 D update runs, as TensorFlow executed them after its rewrites."""
-    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), ["run.mixed_precision=bf16"])
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), ["run.mixed_precision=bf16"]
+                      + (["model.gen_filters=512", "model.disc_filters=512"] if wide else []))
     graph = tf.Graph()
     with graph.as_default():
         g = train.build_graph(cfg)
@@ -99,14 +105,16 @@ def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32():
             types.setdefault(node.op, set()).add(tf.dtypes.as_dtype(node.attr["T"].type))
     if not any(tf.bfloat16 in t for t in types.values()):
         pytest.skip("TensorFlow does not rewrite to bf16 on this CPU")
-    convs = set().union(*(t for op, t in types.items() if "Conv2D" in op))
+    convs = set().union(*(t for op, t in types.items() if "Conv2D" in op or "MatMul" in op))
     norms = set().union(*(t for op, t in types.items() if "BatchNorm" in op))
+    assert ("_MklBatchMatMulV2" in types) == wide
     assert convs == {tf.bfloat16}
     assert norms == {tf.float32}
 
 def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_norm():
     """bench.py --untuned: the 'before' row times the same variables and arithmetic."""
-    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),  # wide: 4x4 layers as products
+                      ["model.gen_filters=512", "model.disc_filters=512"])
     graphs = {}
     for untuned in (False, True):
         graph = tf.Graph()
@@ -120,7 +128,8 @@ def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_nor
     # tf.nn.moments adds SquaredDifference; fused batch norm sits inside the cond's functions.
     assert "SquaredDifference" in graphs[True][3] and "SquaredDifference" not in graphs[False][3]
     assert "Shape" not in graphs[False][3] and "Shape" in graphs[True][3]
-    assert model.batch_norm.__module__ == "model"  # restored afterwards
+    assert "BatchMatMulV2" in graphs[False][3] and "BatchMatMulV2" not in graphs[True][3]
+    assert model.batch_norm.__module__ == model.conv2d.__module__ == "model"  # restored afterwards
     graph, g, _, _ = graphs[True]
     sess = tf1.Session(graph=graph)
     sess.run(g["init_op"])

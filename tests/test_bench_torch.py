@@ -46,6 +46,7 @@ def tf_graph(cfg):
     [],
     ["model.extra_layers=2", "model.image_size=32"],
     ["model.extra_layers=0", "model.kernel=5", "model.gen_leaky=true"],
+    ["model.gen_filters=512", "model.disc_filters=512"],  # TF's 4x4 layers as matrix products
 ])
 def test_torch_nets_have_the_tf_nets_parameters_and_flops(torch, overrides):
     cfg = config.load(SMOKE, overrides)

@@ -157,3 +157,52 @@ def test_leaky_relu_in_d_and_optionally_in_g():
     assert "LeakyRelu" not in _op_types(graph, "generator")
     graph, *_ = build(gen_leaky=True, **TINY)
     assert "LeakyRelu" in _op_types(graph, "generator") and "Relu" not in _op_types(graph, "generator")
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(8, 5, 2), (8, 4, 2), (8, 3, 2), (4, 3, 1)])
+def test_small_map_layers_compute_what_tf_convolutions_compute(size, kernel, stride):
+    """The 4x4 layers as matrix products: same outputs and gradients as tf.nn (SAME padding)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, size, size, 5)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, 5, 7)).astype(np.float32)
+    u = rng.normal(size=(3, size // stride, size // stride, 7)).astype(np.float32)
+    with tf.Graph().as_default(), tf1.Session() as sess:
+        x_t, w_t, u_t = tf.constant(x), tf.constant(w), tf.constant(u)
+        pairs = [(tf.nn.conv2d(x_t, w_t, [1, stride, stride, 1], "SAME"),
+                  model._conv_as_matmul(x_t, w_t, stride), x_t),
+                 (tf.nn.conv2d_transpose(u_t, w_t, [3, size, size, 5], [1, stride, stride, 1], "SAME"),
+                  model._deconv_as_matmul(u_t, w_t, stride), u_t)]
+        for reference, ours, inp in pairs:
+            assert ours.shape.as_list() == reference.shape.as_list()
+            grads = [tf.gradients(tf.reduce_sum(y * y), [inp, w_t]) for y in (reference, ours)]
+            (ref_y, ref_grads), (our_y, our_grads) = sess.run([(reference, grads[0]), (ours, grads[1])])
+            np.testing.assert_allclose(our_y, ref_y, rtol=1e-4, atol=1e-4)
+            for a, b in zip(our_grads, ref_grads):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_window_matrix_picks_the_same_padding_taps():
+    """8x8 -> 4x4, 5x5 kernel, stride 2: SAME pads 1 before and 2 after."""
+    picks = model.window_matrix(8, 5, 2).reshape(4, 4, 5, 5, 8, 8)
+    assert picks.sum(axis=(4, 5)).max() == 1  # a tap reads one pixel or the padding
+    assert picks[0, 0, 1, 1, 0, 0] == 1 and picks[0, 0, 0, 0].sum() == 0  # tap (0, 0) on padding
+    assert picks[3, 3, 2, 2, 7, 7] == 1  # 3 * 2 + 2 - 1
+    assert picks[3, 3, 3, 3].sum() == 0 and picks[3, 3, 4, 4].sum() == 0  # rows 8, 9: padding
+    assert picks[0, 0].sum() == 16 and picks[1, 1].sum() == 25
+
+
+def test_layers_at_4x4_are_matrix_products_in_the_article_nets():
+    """oneDNN ran the article's 4x4 layers at half speed: G's first and D's last layer are
+    built as window x weights products instead (README, "Performance")."""
+    graph, *_ = build(batch=4, z_dim=100, image_size=64, gen_filters=1024, disc_filters=1024,
+                      kernel=5, extra_layers=1)
+    convs = [op for op in graph.get_operations() if "gradients" not in op.name
+             and op.type in ("Conv2D", "Conv2DBackpropInput")]
+    assert len(convs) == 8  # G up2..up4, same1; D same1, down4..down2
+    small = {op.name.split("/")[1] for op in graph.get_operations() if op.type == "BatchMatMulV2"}
+    assert small == {"up1", "down1"}
+    # With 128 filters at 4x4 the window gathering would cost half the weights' product
+    # (64 pixels / 128 channels) and the convolutions ran faster: they stay convolutions.
+    graph, *_ = build(batch=4, z_dim=100, image_size=32, gen_filters=128, disc_filters=128,
+                      kernel=5, extra_layers=1)
+    assert not any(op.type == "BatchMatMulV2" for op in graph.get_operations())
