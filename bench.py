@@ -27,8 +27,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (after 2 warm-up)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--untuned", action="store_true",
-                   help="time the 'before' graph: transposed-conv output shapes from tf.shape "
-                        "and tf.nn.moments batch norm instead of static shapes and fused batch norm")
+                   help="time the 'before' graph: transposed-conv output shapes from tf.shape, "
+                        "tf.nn.moments batch norm and tf.nn convolutions at 4x4 instead of static "
+                        "shapes, fused batch norm and matrix products")
     args = p.parse_args(argv)
     problem = args.json and config_lib.json_output_problem(args.json)
     if problem:
