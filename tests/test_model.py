@@ -104,17 +104,18 @@ def test_regulariser_is_half_sum_of_squared_weights_times_scale():
         assert np.isclose(sess.run(reg), expected, rtol=1e-5)
 
 
-def test_generated_image_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("net", [TINY, dict(TINY, gen_filters=1024)])  # 1024: 4x4 layer as products
+def test_generated_image_does_not_depend_on_its_batch(net):
     """Lesson 23: inference mode uses moving averages, so batch size and neighbours don't matter."""
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(0)
         z_train = tf1.placeholder(tf.float32, [8, 8])
         training = tf1.placeholder_with_default(True, [])
-        fakes_train = model.generator(z_train, training, **TINY)
+        fakes_train = model.generator(z_train, training, **net)
         updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
         z_any = tf1.placeholder(tf.float32, [None, 8])  # any batch size, same weights
-        fakes_any = model.generator(z_any, tf.constant(False), **TINY)
+        fakes_any = model.generator(z_any, tf.constant(False), **net)
         with tf1.Session() as sess:
             sess.run(tf1.global_variables_initializer())
             rng = np.random.default_rng(1)
