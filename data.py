@@ -96,13 +96,18 @@ def find_images(path, split="train", advice=TRAIN_ADVICE):
         return [path]
     files = []
     for root, names in walk(path):
-        if "config.json" in names and os.path.isdir(os.path.join(root, "checkpoints")):
+        if is_run_folder(root, names):
             raise DataError(f"'{root}' is a run folder of train.py: its samples/ hold grids of "
                             f"fakes, not tiles; {advice.run_folder}")
         files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(f"no image files (.png, .jpg, .tif, ...) found under '{path}'")
     return files
+
+
+def is_run_folder(root, names):
+    """Whether folder `root`, holding files `names`, is a run folder of train.py."""
+    return "config.json" in names and os.path.isdir(os.path.join(root, "checkpoints"))
 
 
 def walk(folder):

@@ -30,7 +30,7 @@ import data
 SPLITS = ("train", "holdout")
 OUTPUTS = (*SPLITS, "manifest.csv")     # what --overwrite replaces in DIR; nothing else
 MANIFEST_COLUMNS = ("file", "source", "x", "y", "split")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+AUTO = "auto"                           # --nodata's default, see scene_nodata
 BAND_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}   # single-band 16/32-bit: stretched bands
 GRAY_MODES = {"1", "L", "LA", "La"}
 CONVERTED = {"1": "L", "La": "LA", "P": "RGB", "PA": "RGBA", "RGBX": "RGB", "RGBa": "RGBA",
@@ -41,22 +41,25 @@ PROGRESS_EVERY_S = 5.0
 
 HELP = """\
 SOURCE is one of:
-  an 8-bit image (PNG, JPEG, TIFF) of any size, one scene. Palette and RGBA
-      images become RGB (alpha 0 = no data); grayscale needs --grayscale convert.
+  an 8-bit image (PNG, JPEG, TIFF, BMP, WebP, GIF) of any size, one scene.
+      Palette and RGBA images become RGB (alpha 0 = no data); grayscale needs
+      --grayscale convert.
   single-band 16-bit files (e.g. Landsat GeoTIFF bands): every three in a row
       form one scene, in the order red, green, blue, and must have the same
       size. Each band is stretched to 0..255 between --percentiles of the
       scene's valid pixels, computed once per scene.
-  a folder: every PNG/JPEG/TIFF below it (searched recursively) is tiled on
-      its own, and the holdout takes whole files.
+  a folder: every image file below it (searched recursively, as train.py
+      finds tiles) is tiled on its own, and the holdout takes whole files.
 
 Tiles of --source-tile pixels are cut every --stride pixels and shrunk to
 --tile pixels by area averaging. A tile with any no-data pixel (all bands equal
-to --nodata, or alpha 0) is dropped. For the holdout each scene is divided into
-square blocks of --block pixels; blocks taken in seeded random order go to the
-holdout until they hold about --holdout of the scene's tiles, and only tiles
-lying wholly inside one block are kept, so no train tile overlaps a holdout
-tile even when --stride is smaller than --source-tile.
+to --nodata, or alpha 0) is dropped; by default --nodata is 0 for band files and
+single images, whose borders outside the imaged area hold 0, and off for the
+files of a folder, tiles whose black pixels are imagery. For the holdout each
+scene is divided into square blocks of --block pixels; blocks taken in seeded
+random order go to the holdout until they hold about --holdout of the scene's
+tiles, and only tiles lying wholly inside one block are kept, so no train tile
+overlaps a holdout tile even when --stride is smaller than --source-tile.
 
 Output: DIR/train/*.png, DIR/holdout/*.png, DIR/manifest.csv with columns
 file (relative to DIR), source, x, y (top-left pixel in the source), split.
@@ -243,10 +246,21 @@ def flat_band(path, band, bands, nodata, value, percentiles):
 
 
 def open_pixels(scene, args):
+    nodata = scene_nodata(scene, args)
     if len(scene.paths) == 3:
         bands = [np.asarray(load_image(path)) for path in scene.paths]
-        return BandPixels(bands, scene.paths, args.nodata, args.percentiles)
-    return ImagePixels(load_image(scene.paths[0]), args.nodata)
+        return BandPixels(bands, scene.paths, nodata, args.percentiles)
+    return ImagePixels(load_image(scene.paths[0]), nodata)
+
+
+def scene_nodata(scene, args):
+    """--nodata; by default 0 for band files and single images, whose borders outside the
+    imaged area hold 0, and none for the files of a folder: tiles, whose black pixels are
+    shadow or water (a stretched 8-bit tile has them)."""
+    if args.nodata != AUTO:
+        return args.nodata
+    from_folder = scene.holdout is not None
+    return None if from_folder else 0
 
 
 # ---------------------------------------------------------------- finding scenes
@@ -313,17 +327,21 @@ def image_files(folder):
     """Image files below `folder`, sorted, found as the training loader finds them
     (data.walk: hidden files and folders left out, symlinked folders followed). The
     output of an earlier run below it is refused: its tiles would be tiled again (a
-    folder that is itself such an output, named on purpose, is fine)."""
+    folder that is itself such an output, named on purpose, is fine); so is a run
+    folder of train.py."""
     files = []
     for root, names in data.walk(folder):
         root = Path(root)
+        if data.is_run_folder(root, names):
+            raise PrepareError(f"{root} is a run folder of train.py: its sample grids and loss "
+                               f"plot are not imagery; name as SOURCEs only the folders to tile")
         if "manifest.csv" in names and root != folder and is_prepare_manifest(root / "manifest.csv"):
             raise PrepareError(f"{root}: the output of an earlier prepare.py run lies "
                                f"inside the source folder {folder}, and its tiles would be tiled "
                                f"again; move it out of {folder}, or name as SOURCEs only the "
                                f"folders to tile")
         files += [root / n for n in names
-                  if Path(n).suffix.lower() in IMAGE_SUFFIXES and (root / n).is_file()]
+                  if n.lower().endswith(data.IMAGE_EXTENSIONS) and (root / n).is_file()]
     return sorted(files)
 
 
@@ -331,10 +349,11 @@ def folder_scenes(folder, args, taken):
     """Each image file below `folder` is a scene of its own; the holdout takes whole files."""
     files = image_files(folder)
     if not files:
-        raise PrepareError(f"{folder}: no PNG, JPEG or TIFF files found (searched recursively); "
-                           f"check the folder")
+        raise PrepareError(f"{folder}: no image files (PNG, JPEG, TIFF, BMP, WebP, GIF) found "
+                           f"(searched recursively); check the folder")
     log(f"folder {folder}: {len(files):,} image files")
-    held = set(random.Random(args.seed).sample(range(len(files)), round(args.holdout * len(files))))
+    n_held = math.floor(args.holdout * len(files) + 0.5)  # half up: 5 files at 0.1 hold one
+    held = set(random.Random(args.seed).sample(range(len(files)), n_held))
     scenes = []
     for i, path in enumerate(files):
         mode, size = read_header(path)
@@ -598,8 +617,8 @@ def check_kept(counts, scenes, args):
     if counts.no_data:
         only_reason = not (counts.uniform or counts.block_edge)
         every = "every tile" if only_reason else f"{counts.no_data:,} tiles"
-        marks = "alpha 0" if args.nodata is None else \
-            f"all bands equal to --nodata {args.nodata}, or alpha 0"
+        marks = {None: "alpha 0", AUTO: "all bands 0 in band files and single images, or alpha 0"
+                 }.get(args.nodata, f"all bands equal to --nodata {args.nodata}, or alpha 0")
         reasons.append(f"{every} had no-data pixels ({marks}): check that the imagery holds "
                        f"data, or set --nodata to its no-data value ('none' turns it off)")
     if counts.uniform:
@@ -611,24 +630,30 @@ def check_kept(counts, scenes, args):
     raise PrepareError(f"no tile kept from {where}: {'; '.join(reasons)}; nothing was written")
 
 
-def summary(counts, out):
+def summary(counts, args):
     kept = counts.kept.total()
     inputs = [f"{n:,} {what}" for n, what in ((counts.scenes, "scene(s)"),
                                                (counts.folder_files, "file(s) from folders")) if n]
-    lines = [f"done: {' and '.join(inputs)} -> {kept:,} tiles in {out}",
+    lines = [f"done: {' and '.join(inputs)} -> {kept:,} tiles in {args.out}",
              f"  kept     {counts.kept['train']:,} train, {counts.kept['holdout']:,} holdout",
              f"  dropped  {counts.no_data:,} with no-data pixels, {counts.uniform:,} near-uniform "
              f"(--min-std), {counts.block_edge:,} crossing a holdout block edge"]
     if counts.too_small:
         lines.append(f"  skipped  {counts.too_small:,} scene(s)/file(s) smaller than --source-tile")
+    if counts.no_data * 4 > kept + counts.no_data and args.nodata is not None:
+        lines.append("  note     a quarter or more of the tiles had no-data pixels; if those "
+                     "pixels are imagery (true black), run again with --nodata none")
+    if args.holdout > 0 and not counts.kept["holdout"]:
+        lines.append(f"  warning  no holdout tile although --holdout {args.holdout:g}: too few "
+                     f"files or blocks gave tiles (evaluations fall back to the train tiles)")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- command line
 
 def parse_nodata(text):
-    if text.lower() == "none":
-        return None
+    if text.lower() in ("none", AUTO):
+        return None if text.lower() == "none" else AUTO
     try:
         return int(text)
     except ValueError:
@@ -656,9 +681,10 @@ def parse_args(argv=None):
                    help="holdout block size in source pixels (default: 8 x --source-tile)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for choosing holdout blocks and files (default 0)")
-    p.add_argument("--nodata", type=parse_nodata, default=0, metavar="V",
+    p.add_argument("--nodata", type=parse_nodata, default=AUTO, metavar="V",
                    help="a pixel is no data when all its bands hold V; 'none' turns this off "
-                        "(default 0)")
+                        "(default auto: 0 for band files and single images, none for the "
+                        "files of a folder)")
     p.add_argument("--min-std", type=float, default=0.0, metavar="S",
                    help="drop near-uniform tiles: std of the 8-bit tile pixels below S "
                         "(default 0: off)")
@@ -672,6 +698,8 @@ def parse_args(argv=None):
                    help="replace train/, holdout/ and manifest.csv in a non-empty DIR "
                         "(other files there are kept)")
     args = p.parse_args(argv)
+    args.sources = [os.path.expanduser(source) for source in args.sources]  # quoted '~/x' too
+    args.out = args.out.expanduser()
     for option, value in (("--tile", args.tile), ("--source-tile", args.source_tile),
                           ("--stride", args.stride), ("--block", args.block)):
         if value is not None and value < 1:
@@ -710,7 +738,7 @@ def main(argv=None):
         print(f"prepare.py: error: cannot write to {args.out} ({error}); check the folder and "
               f"the free disk space", file=sys.stderr)
         return 2
-    print(summary(counts, args.out))
+    print(summary(counts, args))
     return 0
 
 

@@ -457,3 +457,70 @@ def test_16_bit_colour_image_is_refused_not_read_dark(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "reflectance.png" in proc.stderr and "16-bit colour" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- folders of 8-bit tiles
+
+def test_black_pixels_in_folder_tiles_are_imagery_but_a_scene_border_is_no_data(tmp_path, capsys):
+    """--nodata's default: off for a folder's files (stretched tiles hold true black), 0 for a
+    single image or band files (the border outside the imaged area)."""
+    (tmp_path / "tiles").mkdir()
+    for i in range(4):
+        pixels = noise(64, 64, seed=i)
+        pixels[10, 10] = 0  # one shadow pixel
+        Image.fromarray(pixels).save(tmp_path / "tiles" / f"{i}.png")
+    assert run(tmp_path / "tiles", "--holdout", 0, "--out", tmp_path / "out") == 0
+    assert len(manifest(tmp_path / "out")) == 4
+    scene = noise(64, 128)
+    scene[:, 64:] = 0  # a black border
+    save_scene(tmp_path, "scene.png", scene)
+    assert run(tmp_path / "scene.png", "--holdout", 0, "--out", tmp_path / "out2") == 0
+    assert len(manifest(tmp_path / "out2")) == 1
+    assert run(tmp_path / "tiles", "--holdout", 0, "--nodata", "0", "--out", tmp_path / "out3") == 2
+    assert "every tile had no-data pixels" in capsys.readouterr().err  # explicit 0 applies
+
+
+def test_many_tiles_dropped_for_no_data_suggests_nodata_none(tmp_path, capsys):
+    scene = noise(64, 256)
+    scene[5, 70::64] = 0  # a black pixel in three of the four tiles
+    save_scene(tmp_path, "scene.png", scene)
+    assert run(tmp_path / "scene.png", "--holdout", 0, "--out", tmp_path / "out") == 0
+    assert "run again with --nodata none" in capsys.readouterr().out
+
+
+def test_folder_holdout_rounds_half_up_and_an_empty_holdout_is_a_warning(tmp_path, capsys):
+    (tmp_path / "tiles").mkdir()
+    for i in range(5):
+        Image.fromarray(noise(64, 64, seed=i)).save(tmp_path / "tiles" / f"{i}.png")
+    assert run(tmp_path / "tiles", "--out", tmp_path / "out") == 0  # --holdout 0.1 of 5 files
+    assert sum(row["split"] == "holdout" for row in manifest(tmp_path / "out")) == 1
+    assert "warning" not in capsys.readouterr().out
+    assert run(tmp_path / "tiles", "--holdout", 0.05, "--out", tmp_path / "out2") == 0
+    assert "warning  no holdout tile although --holdout 0.05" in capsys.readouterr().out
+
+
+def test_every_format_the_loader_reads_is_tiled_from_a_folder(tmp_path):
+    (tmp_path / "tiles").mkdir()
+    for suffix in ("png", "bmp", "webp", "gif"):
+        Image.fromarray(noise(64, 64)).save(tmp_path / "tiles" / f"a.{suffix}",
+                                            **({"lossless": True} if suffix == "webp" else {}))
+    assert run(tmp_path / "tiles", "--holdout", 0, "--out", tmp_path / "out") == 0
+    assert sorted(Path(r["source"]).suffix for r in manifest(tmp_path / "out")) == \
+        [".bmp", ".gif", ".png", ".webp"]
+
+
+def test_a_run_folder_in_a_source_is_refused(tiles, capsys):
+    run_dir = tiles / "runs" / "smoke-1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    Image.fromarray(noise(64, 64)).save(run_dir / "losses.png")
+    assert run(tiles, "--holdout", 0, "--out", tiles.parent / "out") == 2
+    message = capsys.readouterr().err
+    assert "run folder of train.py" in message and str(run_dir) in message
+    assert not (tiles.parent / "out").exists()
+
+
+def test_tilde_in_sources_and_out_is_the_home_folder(tiles, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run("~/tiles", "--holdout", 0, "--out", "~/mytiles") == 0
+    assert len(manifest(tmp_path / "mytiles")) == 3
