@@ -326,7 +326,7 @@ def time_outputs(sess, g, cfg):
         train.dump_samples(sess, g, z, tmp, writer, 1)
         sample_s = time.perf_counter() - start
         start = time.perf_counter()
-        train.save_checkpoint(sess, g, os.path.join(tmp, "checkpoints"), 1, cache, z)
+        train.save_checkpoint(sess, g, os.path.join(tmp, "checkpoints"), 1, cache, {"sample_z": z})
         checkpoint_s = time.perf_counter() - start
     return {"sample_dump_s": sample_s, "checkpoint_s": checkpoint_s}
 

@@ -16,6 +16,7 @@ the batches an uninterrupted one would, whether tiles sit in memory or are
 read from disk by a background thread.
 """
 import csv
+import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,14 @@ def find_images(path, split="train", advice=TRAIN_ADVICE):
     if not files:
         raise DataError(f"no image files (.png, .jpg, .tif, ...) found under '{path}'")
     return files
+
+
+def fingerprint(files, root):
+    """A digest of a tile set: each file's name below `root` and its size, in order."""
+    digest = hashlib.sha1()
+    for path in sorted(files):
+        digest.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def is_run_folder(root, names):

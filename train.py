@@ -293,7 +293,7 @@ class Evaluator:
         evals = [r for r in log_records if r.get("event") == "eval"]
         self.best = min((r["swd_avg"] for r in evals), default=float("inf"))
 
-    def __call__(self, sess, g, step, ckpt_dir, cache, sample_z):
+    def __call__(self, sess, g, step, ckpt_dir, cache, state):
         started = time.time()
         fakes = generate_u8(sess, g["z_in"], g["fakes_u8_out"], self.z,
                             {g["is_training_in"]: False})
@@ -307,7 +307,7 @@ class Evaluator:
         record["best"] = record["swd_avg"] < self.best
         if record["best"]:
             self.best = record["swd_avg"]
-            save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z, name="best")
+            save_checkpoint(sess, g, ckpt_dir, step, cache, state, name="best")
         return record
 
 
@@ -463,8 +463,11 @@ def session_config(cfg):
     return proto
 
 
-def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z, name="model"):
+def save_checkpoint(sess, g, ckpt_dir, step, cache, state, name="model"):
     """Sidecar first, then the Saver (data, index, then TF's `checkpoint` file).
+
+    The sidecar holds the history cache and `state`: the fixed sample noise and
+    what identifies the tiles trained on (data_state).
 
     A failed write (disk full, folder gone) stops the run: its leftovers are
     removed, the older checkpoints and the `checkpoint` file stay as they were.
@@ -475,8 +478,8 @@ def save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z, name="model"):
     saver, index = (g["saver"], "checkpoint") if name == "model" else (g["best_saver"], "best")
     sess.run(g["set_step_op"], {g["step_in"]: step})
     try:
-        runs.save_sidecar(prefix, {"sample_z": sample_z, **{f"history_{k}": v
-                                                             for k, v in cache.state().items()}})
+        runs.save_sidecar(prefix, {**state, **{f"history_{k}": v
+                                               for k, v in cache.state().items()}})
         saver.save(sess, os.path.join(ckpt_dir, name), global_step=step,
                    latest_filename=index, write_meta_graph=False)
     except (OSError, ValueError, tf.errors.OpError) as e:
@@ -507,7 +510,7 @@ def error_cause(e):
 
 
 def restore_checkpoint(sess, g, prefix, cache, ckpt_dir):
-    """Weights, all four Adam states and BN averages, then the sidecar; returns (step, sample_z).
+    """Weights, all four Adam states and BN averages, then the sidecar; returns (step, state).
 
     A checkpoint of another net is refused before anything in the run folder moves.
     """
@@ -531,7 +534,21 @@ def restore_checkpoint(sess, g, prefix, cache, ckpt_dir):
     step = int(sess.run(g["global_step"]))
     keep = g["saver"].saver_def.max_to_keep
     g["saver"].recover_last_checkpoints(runs.adopt_checkpoints(ckpt_dir, step, keep))
-    return step, state["sample_z"]
+    return step, {k: v for k, v in state.items() if not k.startswith("history_")}
+
+
+def data_state(batches, data_path):
+    """The tile count and digest a checkpoint keeps: a resume on other tiles says so."""
+    return {"data_tiles": np.int64(len(batches)),
+            "data_digest": np.str_(data.fingerprint(batches.files, data_path))}
+
+
+def data_change(saved, now):
+    """{"tiles": [then, now]} when the tiles differ from a checkpoint's; None if the same
+    (or the checkpoint predates the digest)."""
+    if "data_digest" not in saved or str(saved["data_digest"]) == str(now["data_digest"]):
+        return None
+    return {"tiles": [int(saved["data_tiles"]), int(now["data_tiles"])]}
 
 
 # ---------------------------------------------------------------- main
@@ -604,13 +621,20 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
     sess = tf1.Session(graph=graph, config=session_config(cfg))
     writer = tf1.summary.FileWriter(os.path.join(run_dir, "tensorboard"))
     graph.finalize()  # Lesson 14: the loop below can add no op
+    data_now = data_state(batches, cfg.data.path)
+    data_changed = None
     if prefix:
-        step, sample_z = restore_checkpoint(sess, g, prefix, cache, ckpt_dir)
+        step, saved = restore_checkpoint(sess, g, prefix, cache, ckpt_dir)
+        sample_z, data_changed = saved["sample_z"], data_change(saved, data_now)
         logged = runs.truncate_log(log_path, step)
         records = [r for r in logged if "event" not in r]
         # TensorBoard drops what earlier event files hold after this step (redone steps).
         writer.add_session_log(tf1.SessionLog(status=tf1.SessionLog.START), step)
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
+        if data_changed:
+            then, now = data_changed["tiles"]
+            print(f"note: the tiles differ from those {prefix} was trained on ({then} then, "
+                  f"{now} now, or files changed): this is not an exact continuation")
         write_config(run_dir, cfg)  # only now: a resume that fails leaves config.json as it was
     else:  # main wrote config.json before anything else
         sess.run(g["init_op"])
@@ -620,7 +644,9 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
     log = runs.Log(log_path)
     if prefix:
-        log.write({"event": "resume", "step": step, "checkpoint": prefix, "changed": changed})
+        log.write({"event": "resume", "step": step, "checkpoint": prefix, "changed": changed,
+                   **({"data_changed": data_changed} if data_changed else {})})
+    state = {"sample_z": sample_z, **data_now}  # what each checkpoint's sidecar keeps
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
 
@@ -634,7 +660,7 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         except data.DataError as e:  # a tile read from disk (data.in_memory: false) went bad
             step -= 1
             raise data.DataError(f"{e}; training stopped after step {step}, "
-                                 + stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z,
+                                 + stop_saved(sess, g, run_dir, step, saved_step, cache, state,
                                               records)) from None
 
         bad = [k for k in LOSS_KEYS if not np.isfinite(record[k])]
@@ -650,14 +676,14 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         if step % t.sample_every == 0:
             dump_samples(sess, g, sample_z, sample_dir, writer, step)
         if evaluate and step % t.eval_every == 0:
-            found = evaluate(sess, g, step, ckpt_dir, cache, sample_z)
+            found = evaluate(sess, g, step, ckpt_dir, cache, state)
             log.write(found)
             tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
             print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
                   f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f}"
                   + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
         if step % t.checkpoint_every == 0 or step == t.steps:
-            save_checkpoint(sess, g, ckpt_dir, step, cache, sample_z)
+            save_checkpoint(sess, g, ckpt_dir, step, cache, state)
             plot_losses(records, os.path.join(run_dir, "losses.png"))
             saved_step = step
         if step % 50 == 0 or step == t.steps:
@@ -667,7 +693,7 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
 
     if stop.signal is not None:
         print(f"stopped by {stop.signal} after step {step}; "
-              + stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z, records))
+              + stop_saved(sess, g, run_dir, step, saved_step, cache, state, records))
     else:
         print(f"done: {step} steps; samples in {sample_dir}, checkpoints in {ckpt_dir}")
     writer.close()
@@ -676,13 +702,13 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
     return 0
 
 
-def stop_saved(sess, g, run_dir, step, saved_step, cache, sample_z, records):
+def stop_saved(sess, g, run_dir, step, saved_step, cache, state, records):
     """Checkpoint `step` for a run that stops early (unless it is saved); says how to go on."""
     if step == 0:
         return (f"no step was trained; start it again with --config "
                 f"{shlex.quote(os.path.join(run_dir, 'config.json'))} --out {shlex.quote(run_dir)}")
     if saved_step != step:
-        save_checkpoint(sess, g, os.path.join(run_dir, runs.CHECKPOINTS), step, cache, sample_z)
+        save_checkpoint(sess, g, os.path.join(run_dir, runs.CHECKPOINTS), step, cache, state)
         plot_losses(records, os.path.join(run_dir, "losses.png"))
     return f"checkpoint saved. Continue with: python train.py --resume {shlex.quote(run_dir)}"
 

@@ -108,6 +108,22 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
             assert a.read() == b.read(), name
 
 
+def test_resume_on_other_tiles_says_it_is_not_an_exact_continuation(tmp_path, capsys):
+    tiles = write_tiles(str(tmp_path / "tiles"), 24, size=16)
+    run = tmp_path / "run"
+    assert train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
+                      "--set", f"data.path={tiles}", "--set", "train.steps=4",
+                      "--set", "train.checkpoint_every=2", "--out", str(run)]) == 0
+    for name in sorted(os.listdir(tiles))[:8]:
+        os.remove(os.path.join(tiles, name))
+    capsys.readouterr()
+    assert train.cli(["--resume", str(run), "--set", "train.steps=6"]) == 0
+    assert "(24 then, 16 now, or files changed): this is not an exact continuation" in \
+        capsys.readouterr().out
+    resume = [r for r in read_log(run) if r.get("event") == "resume"]
+    assert resume[0]["data_changed"] == {"tiles": [24, 16]}
+
+
 def test_resume_from_a_missing_prefix_fails_and_names_it(smoke_run, tmp_path, capsys):
     missing = os.path.join(smoke_run, "checkpoints", "model-999")
     proc = run_script("train.py", "--resume", missing)
