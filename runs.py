@@ -140,7 +140,8 @@ def resolve_checkpoint(arg):
         prefix = CHECKPOINT_FILE.sub("", arg)  # a file of the checkpoint names it too
         problem = checkpoint_problem(prefix)
         if problem == "no index file":
-            raise RunError(f"checkpoint '{arg}' does not exist (no '{prefix}.index'); "
+            what = "is a file, not a checkpoint" if os.path.isfile(arg) else "does not exist"
+            raise RunError(f"checkpoint '{arg}' {what} (no '{prefix}.index'); "
                            f"give a prefix like RUN/checkpoints/model-500 or a run folder")
         if problem:
             raise RunError(f"checkpoint '{arg}' is incomplete ({problem}); give the run folder "

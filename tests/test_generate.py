@@ -379,6 +379,9 @@ def test_missing_checkpoint_is_one_clear_line(smoke_run, tmp_path, capsys):
     assert code == 2 and error_lines(err) == err.strip().splitlines() and len(error_lines(err)) == 1
     assert "model-999" in err and "does not exist" in err
     assert not os.path.exists(tmp_path / "o")
+    index = os.path.join(smoke_run, "checkpoints", "checkpoint")  # TensorFlow's index file
+    assert generate.cli(["--checkpoint", index, "-n", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "is a file, not a checkpoint" in capsys.readouterr().err
 
 
 def test_other_architecture_is_one_clear_line(smoke_run, tmp_path, capsys):
