@@ -640,7 +640,7 @@ def summary(counts, args):
              f"(--min-std), {counts.block_edge:,} crossing a holdout block edge"]
     if counts.too_small:
         lines.append(f"  skipped  {counts.too_small:,} scene(s)/file(s) smaller than --source-tile")
-    if counts.no_data * 4 > kept + counts.no_data and args.nodata is not None:
+    if counts.no_data and counts.no_data * 4 >= kept + counts.no_data and args.nodata is not None:
         lines.append("  note     a quarter or more of the tiles had no-data pixels; if those "
                      "pixels are imagery (true black), run again with --nodata none")
     if args.holdout > 0 and not counts.kept["holdout"]:
@@ -652,8 +652,10 @@ def summary(counts, args):
 # ---------------------------------------------------------------- command line
 
 def parse_nodata(text):
-    if text.lower() in ("none", AUTO):
-        return None if text.lower() == "none" else AUTO
+    if text.lower() == "none":
+        return None
+    if text.lower() == AUTO:
+        return AUTO
     try:
         return int(text)
     except ValueError:

@@ -633,8 +633,9 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
         if data_changed:
             then, now = data_changed["tiles"]
-            print(f"note: the tiles differ from those {prefix} was trained on ({then} then, "
-                  f"{now} now, or files changed): this is not an exact continuation")
+            how = f"{then} then, {now} now" if then != now else f"{now} tiles, files changed"
+            print(f"note: the tiles differ from those {prefix} was trained on ({how}): "
+                  f"this is not an exact continuation")
         write_config(run_dir, cfg)  # only now: a resume that fails leaves config.json as it was
     else:  # main wrote config.json before anything else
         sess.run(g["init_op"])

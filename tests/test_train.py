@@ -118,7 +118,7 @@ def test_resume_on_other_tiles_says_it_is_not_an_exact_continuation(tmp_path, ca
         os.remove(os.path.join(tiles, name))
     capsys.readouterr()
     assert train.cli(["--resume", str(run), "--set", "train.steps=6"]) == 0
-    assert "(24 then, 16 now, or files changed): this is not an exact continuation" in \
+    assert "(24 then, 16 now): this is not an exact continuation" in \
         capsys.readouterr().out
     resume = [r for r in read_log(run) if r.get("event") == "resume"]
     assert resume[0]["data_changed"] == {"tiles": [24, 16]}
