@@ -88,13 +88,15 @@ def test_json_in_a_folder_it_cannot_write_is_refused_before_the_benchmark(
 def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32(wide):
     """The ops a bf16 D update runs, as TensorFlow executed them after its rewrites."""
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), ["run.mixed_precision=bf16"]
-                      + (["model.gen_filters=512", "model.disc_filters=512"] if wide else []))
+                      + (["model.image_size=8", "model.gen_filters=512", "model.disc_filters=512"]
+                         if wide else []))
     graph = tf.Graph()
     with graph.as_default():
         g = train.build_graph(cfg)
     sess = tf1.Session(graph=graph, config=train.session_config(cfg))
     sess.run(g["init_op"])
-    feed = {g["reals_u8_in"]: np.zeros((8, 16, 16, 3), np.uint8),
+    side = cfg.model.image_size
+    feed = {g["reals_u8_in"]: np.zeros((8, side, side, 3), np.uint8),
             g["z_in"]: np.zeros((8, 16), np.float32)}
     metadata = tf1.RunMetadata()
     sess.run(g["d_total_op"], feed, options=tf1.RunOptions(output_partition_graphs=True),
@@ -114,7 +116,7 @@ def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32(wide):
 def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_norm():
     """bench.py --untuned: the 'before' row times the same variables and arithmetic."""
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),  # wide: 4x4 layers as products
-                      ["model.gen_filters=512", "model.disc_filters=512"])
+                      ["model.image_size=8", "model.gen_filters=512", "model.disc_filters=512"])
     graphs = {}
     for untuned in (False, True):
         graph = tf.Graph()
@@ -134,10 +136,10 @@ def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_nor
     sess = tf1.Session(graph=graph)
     sess.run(g["init_op"])
     rng = np.random.default_rng(0)
-    reals = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    reals = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
     z = rng.uniform(-1, 1, (8, 16)).astype(np.float32)
     record, fakes = train.train_step(sess, g, reals, z, None, False)
-    assert fakes.shape == (8, 16, 16, 3) and all(np.isfinite(record[k]) for k in train.LOSS_KEYS)
+    assert fakes.shape == (8, 8, 8, 3) and all(np.isfinite(record[k]) for k in train.LOSS_KEYS)
 
 
 def _nothing():
