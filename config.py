@@ -289,3 +289,14 @@ def json_output_problem(path):
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"--json: folder '{folder}' is not writable; give another --json"
     return None
+
+
+def expand_home(args, names):
+    """~ in the named path options (one path, or a list of them, as str or Path): a
+    shell leaves --out=~/x and '~/x' unexpanded."""
+    for name in names:
+        value = getattr(args, name)
+        if isinstance(value, list):
+            setattr(args, name, [type(v)(os.path.expanduser(v)) for v in value])
+        elif value:
+            setattr(args, name, type(value)(os.path.expanduser(value)))

@@ -293,7 +293,7 @@ def parse_args(argv):
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
     args.threads = args.threads or config_lib.default_threads()  # Lesson 28
-    runs.expand_home(args, ("real", "fake", "checkpoint", "train", "holdout", "json"))
+    config_lib.expand_home(args, ("real", "fake", "checkpoint", "train", "holdout", "json"))
     return args
 
 

@@ -500,7 +500,7 @@ def parse_args(argv):
             p.error(f"--{a} {getattr(args, a)} x --{b} {getattr(args, b)} makes {cells:,} "
                     f"pictures in one image; at most {MAX_CELLS:,}")
     args.mode = chosen
-    runs.expand_home(args, ("checkpoint", "out", "real", "export"))
+    config_lib.expand_home(args, ("checkpoint", "out", "real", "export"))
     return args
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import config as config_lib
 import data
 
 SPLITS = ("train", "holdout")
@@ -700,8 +701,7 @@ def parse_args(argv=None):
                    help="replace train/, holdout/ and manifest.csv in a non-empty DIR "
                         "(other files there are kept)")
     args = p.parse_args(argv)
-    args.sources = [os.path.expanduser(source) for source in args.sources]  # quoted '~/x' too
-    args.out = args.out.expanduser()
+    config_lib.expand_home(args, ("sources", "out"))
     for option, value in (("--tile", args.tile), ("--source-tile", args.source_tile),
                           ("--stride", args.stride), ("--block", args.block)):
         if value is not None and value < 1:

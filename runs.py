@@ -49,13 +49,6 @@ def cli(main, argv=None, errors=()):
         return 2
 
 
-def expand_home(args, names):
-    """~ in the named path options: a shell leaves --out=~/x and '~/x' unexpanded."""
-    for name in names:
-        if getattr(args, name):
-            setattr(args, name, os.path.expanduser(getattr(args, name)))
-
-
 CHECKPOINTS = "checkpoints"
 SIDECAR = ".state.npz"
 LOCK = "lock"

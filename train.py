@@ -342,7 +342,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.config and not args.resume:
         p.error("give --config (e.g. configs/cpu.json) or --resume RUN_DIR")
-    runs.expand_home(args, ("config", "out", "resume"))
+    config_lib.expand_home(args, ("config", "out", "resume"))
     return args
 
 
