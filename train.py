@@ -451,6 +451,10 @@ def session_config(cfg):
                             inter_op_parallelism_threads=cfg.run.inter_op_threads)
     proto.gpu_options.allow_growth = True  # share a GPU instead of taking all its memory
     rewrite = proto.graph_options.rewrite_options
+    # Grappler's remapper fuses D's first conv, bias and leaky ReLU though the
+    # gradient still reads the bias output; it then logs "remapper failed" and
+    # leaves the graph as it was. Off, the graph runs the same, without the error.
+    rewrite.remapping = rewriter_config_pb2.RewriterConfig.OFF
     if cfg.run.mixed_precision == "bf16":
         keep_float32(BF16_FLOAT32_OPS)
         rewrite.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
