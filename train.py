@@ -678,7 +678,7 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         if step % t.log_every == 0 or step == t.steps:
             log.write(record)
             tb_scalars(writer, record)
-        if step % t.sample_every == 0:
+        if step % t.sample_every == 0 or step == t.steps:  # the end state is seen too
             dump_samples(sess, g, sample_z, sample_dir, writer, step)
         if evaluate and step % t.eval_every == 0:
             found = evaluate(sess, g, step, ckpt_dir, cache, state)

@@ -123,6 +123,8 @@ def test_resume_on_other_tiles_says_it_is_not_an_exact_continuation(tmp_path, ca
         capsys.readouterr().out
     resume = [r for r in read_log(run) if r.get("event") == "resume"]
     assert resume[0]["data_changed"] == {"tiles": [24, 16]}
+    # Each run's last step is sampled though sample_every (10) does not divide it.
+    assert sorted(os.listdir(run / "samples")) == ["step-000002.png", "step-000003.png"]
 
 
 def test_resume_from_a_missing_prefix_fails_and_names_it(smoke_run, tmp_path, capsys):
