@@ -355,20 +355,35 @@ def folder_scenes(folder, args, taken):
     log(f"folder {folder}: {len(files):,} image files")
     n_held = math.floor(args.holdout * len(files) + 0.5)  # half up: 5 files at 0.1 hold one
     held = set(random.Random(args.seed).sample(range(len(files)), n_held))
-    scenes = []
+    scenes, problems = [], []
     for i, path in enumerate(files):
-        mode, size = read_header(path)
-        check_image_mode(path, mode, args)
-        # Files found in a folder keep PIL's decompression-bomb limit: a tile folder from a
-        # downloader is untrusted, and a huge file there is more likely a mistake than a tile.
-        if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-            raise PrepareError(f"{path}: {size[0]} x {size[1]} pixels is too big for a file in "
-                               f"a tile folder; name it as a SOURCE of its own to tile it")
+        try:
+            size = checked_folder_file(path, args)
+        except PrepareError as e:  # every bad file of the folder is named in one error
+            problems.append(str(e))
+            continue
         relative = path.relative_to(folder)
         name = unique_name("_".join(relative.with_suffix("").parts), taken)
         source = f"{folder.resolve().name}/{relative.as_posix()}"
         scenes.append(Scene(name, source, [path], size, holdout=i in held))
+    if len(problems) == 1:
+        raise PrepareError(problems[0])
+    if problems:
+        raise PrepareError(f"{folder}: {len(problems)} of its {len(files):,} image files cannot "
+                           f"be used; fix or remove them:\n" + data.listing(problems))
     return scenes
+
+
+def checked_folder_file(path, args):
+    """(width, height) of a file found in a tile folder, or PrepareError saying what is wrong."""
+    mode, size = read_header(path)
+    check_image_mode(path, mode, args)
+    # Files found in a folder keep PIL's decompression-bomb limit: a tile folder from a
+    # downloader is untrusted, and a huge file there is more likely a mistake than a tile.
+    if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        raise PrepareError(f"{path}: {size[0]} x {size[1]} pixels is too big for a file in "
+                           f"a tile folder; name it as a SOURCE of its own to tile it")
+    return size
 
 
 def collect_scenes(sources, args):

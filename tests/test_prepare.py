@@ -310,6 +310,18 @@ def test_bad_input_from_the_command_line_has_no_traceback(inputs):
         assert not (inputs / "out").exists()
 
 
+def test_every_bad_file_of_a_folder_is_named_in_one_error(inputs, capsys):
+    folder = inputs / "tiles"
+    folder.mkdir()
+    for name in ("good.png", "gray.png", "junk.png"):
+        (folder / name).write_bytes((inputs / name).read_bytes())
+    assert run(folder, "--out", inputs / "out") == 2
+    message = capsys.readouterr().err
+    assert "2 of its 3 image files cannot be used" in message
+    assert "gray.png: grayscale image" in message and "junk.png: not a PNG" in message
+    assert not (inputs / "out").exists()
+
+
 def test_grayscale_convert_copies_gray_to_rgb(inputs):
     assert run(inputs / "gray.png", "--grayscale", "convert", "--holdout", 0,
                "--out", inputs / "out") == 0
