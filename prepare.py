@@ -289,7 +289,8 @@ def check_image_mode(path, mode, args):
                            f"files as SOURCE arguments instead, three per scene (red green blue)")
     if mode in GRAY_MODES and args.grayscale == "error":
         raise PrepareError(f"{path}: grayscale image; add --grayscale convert to copy its gray "
-                           f"into all three channels, or remove it")
+                           f"into all three channels, or remove it (8-bit single-band files "
+                           f"are not combined into a scene's red, green and blue: 16-bit ones are)")
     if CONVERTED.get(mode, mode) not in KEPT_MODES:
         raise PrepareError(f"{path}: unsupported pixel mode {mode!r}; save it as 8-bit RGB, or "
                            f"as 16-bit single-band files")

@@ -290,6 +290,7 @@ def inputs(tmp_path):
     (["r.tif", "g.tif", "b_small.tif"], "b_small.tif"),
     (["r.tif", "g.tif", "good.png"], "r.tif"),  # only two bands before an image
     (["gray.png"], "gray.png"),
+    (["gray.png", "gray.png", "gray.png"], "8-bit single-band files are not combined"),
     (["empty"], "empty"),
 ])
 def test_bad_input_exits_2_naming_it_and_writes_nothing(inputs, capsys, sources, named):
