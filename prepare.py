@@ -409,7 +409,18 @@ def collect_scenes(sources, args):
         check_image_mode(path, mode, args)
         scenes.append(Scene(unique_name(path.stem, taken), path.name, [path], size))
     check_band_groups_complete(bands)
+    check_nodata_reachable(scenes, args)
     return scenes
+
+
+def check_nodata_reachable(scenes, args):
+    """A --nodata above 255 can only match the values of 16-bit band files."""
+    if args.nodata in (AUTO, None) or args.nodata <= 255:
+        return
+    for scene in scenes:
+        if len(scene.paths) == 1:
+            raise PrepareError(f"--nodata {args.nodata} can never match the 8-bit pixels of "
+                               f"{scene.paths[0]} (0..255); give a value in 0..255, or none")
 
 
 # ---------------------------------------------------------------- tiling
@@ -674,9 +685,12 @@ def parse_nodata(text):
     if text.lower() == AUTO:
         return AUTO
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'none'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0, which no pixel holds")
+    return value
 
 
 def parse_args(argv=None):

@@ -323,6 +323,15 @@ def test_every_bad_file_of_a_folder_is_named_in_one_error(inputs, capsys):
     assert not (inputs / "out").exists()
 
 
+def test_nodata_above_255_for_8_bit_images_is_refused(inputs, capsys):
+    assert run(inputs / "good.png", "--nodata", 300, "--out", inputs / "out") == 2
+    assert "--nodata 300 can never match the 8-bit pixels of" in capsys.readouterr().err
+    assert not (inputs / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.parse_args([str(inputs / "good.png"), "--out", "x", "--nodata", "-1"])
+    assert exit_info.value.code == 2 and "below 0" in capsys.readouterr().err
+
+
 def test_grayscale_convert_copies_gray_to_rgb(inputs):
     assert run(inputs / "gray.png", "--grayscale", "convert", "--holdout", 0,
                "--out", inputs / "out") == 0
