@@ -56,6 +56,18 @@ LOCK = "lock"
 PART_NAME = re.compile(r"((?:model|best)-\d+)(\.state\.npz|\.data-\d+-of-\d+)$")
 ASIDE_NAME = re.compile(r"after-step-\d+(-\d+)?")  # an abandoned continuation (set_aside)
 CHECKPOINT_FILE = re.compile(r"\.(index|state\.npz|data-\d+-of-\d+)$")
+# What train.py writes at the top of a run folder (and the .tmp files of its atomic writes).
+RUN_ENTRIES = {"config.json", "log.jsonl", "losses.png", "samples", CHECKPOINTS, "tensorboard",
+               LOCK}
+
+
+def foreign_entries(run_dir):
+    """Sorted names in `run_dir` that train.py would not have written (hidden ones aside)."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(name for name in os.listdir(run_dir)
+                  if name not in RUN_ENTRIES and not name.endswith(".tmp")
+                  and not name.startswith("."))
 
 
 # ---------------------------------------------------------------- finding checkpoints

@@ -387,6 +387,11 @@ def open_run(args):
     if runs.newest_checkpoint(os.path.join(run_dir, runs.CHECKPOINTS)):
         raise runs.RunError(f"'{run_dir}' already holds a run; continue it with "
                             f"--resume {shlex.quote(run_dir)}, or choose another --out")
+    foreign = runs.foreign_entries(run_dir)
+    if foreign:  # its config.json or log.jsonl would be overwritten
+        raise runs.RunError(f"--out '{run_dir}' holds files that are not a run's ("
+                            + ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                            + "); give a new or empty folder for the run")
     return cfg, run_dir, None, {}
 
 

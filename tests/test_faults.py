@@ -710,22 +710,30 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(start, trained_
     assert len(read_log_lines(trained_run)) == 20  # the run is untouched
 
 
-def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles(start, tiles16, tmp_path):
+def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles_nor_hold_other_files(
+        start, tiles16, tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
+    mine = tmp_path / "mine"  # a user's folder: its config.json must not be overwritten
+    mine.mkdir()
+    (mine / "config.json").write_text("my own")
+    (mine / "notes.txt").write_text("my notes")
     tiles = shutil.copytree(tiles16, str(tmp_path / "tiles"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.symlink(elsewhere, os.path.join(tiles, "linked"))  # its images are read as tiles too
     for out, names in ((a_file, ["notes.txt", "is a file"]),
                        (os.path.join(tiles, "run"), ["inside data.path", "--out"]),
-                       (elsewhere / "run", ["inside data.path", "--out"])):
+                       (elsewhere / "run", ["inside data.path", "--out"]),
+                       (mine, ["holds files that are not a run's (notes.txt)", "new or empty"])):
         proc = start(*smoke(tiles), "--out", out)
         assert proc.wait() == 2, proc.output()
         assert_clear_error(proc.read("stderr"), *names)
     assert a_file.read_text() == "not a folder"
     assert sorted(os.listdir(tiles)) == sorted(os.listdir(tiles16) + ["linked"])
     assert os.listdir(elsewhere) == []  # nothing written
+    assert sorted(os.listdir(mine)) == ["config.json", "notes.txt"]
+    assert (mine / "config.json").read_text() == "my own"
 
 
 # ---------------------------------------------------------------- 8: two runs, one folder
