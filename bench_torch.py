@@ -13,8 +13,9 @@ from layer shapes as bench.py counts them and set against the same yardstick,
 `bench.matmul_gflops`, so the two tables read side by side.
 
 Known differences, none of which changes the arithmetic: TensorFlow's "SAME"
-padding puts the odd pixel of padding at the bottom/right, PyTorch pads
-symmetrically (the output grid is shifted by one pixel, shapes are equal);
+padding puts the odd pixel of padding at the bottom/right, PyTorch's strided
+layers pad symmetrically (the output grid is shifted by one pixel, shapes are
+equal; stride-1 layers with an even kernel are padded as TensorFlow does);
 history replay (a masked blend of a few cached tiles) is left out; PyTorch
 moves batch-norm averages on every training-mode forward, TensorFlow only in
 the update runs.
@@ -69,15 +70,20 @@ def parse_args(argv):
 
 def _padding(kernel, stride):
     """(padding, output_padding) that give TF's "SAME" sizes: size / stride, size * stride."""
-    if kernel % 2 == 0 and stride == 1:
-        raise config_lib.ConfigError(f"config key 'model.kernel' must be odd for bench_torch.py "
-                                     f"with model.extra_layers > 0 (PyTorch has no same-size "
-                                     f"padding for an even kernel at stride 1), got {kernel}")
     return (kernel - 1) // 2, kernel % 2 if stride == 2 else 0
 
 
 def _conv(c_in, c_out, kernel, stride, transposed=False):
     from torch import nn
+    if kernel % 2 == 0 and stride == 1:
+        # No same-size padding in PyTorch for an even kernel: pad as TF's SAME does, the
+        # extra pixel at the bottom/right; the transposed layer drops its extra output row.
+        low, high = (kernel - 1) // 2, kernel // 2
+        if transposed:
+            layer = nn.ConvTranspose2d(c_in, c_out, kernel, 1, low)  # size + 1
+            return nn.Sequential(_init(layer), nn.ZeroPad2d((0, low - high, 0, low - high)))
+        return nn.Sequential(nn.ZeroPad2d((low, high, low, high)),
+                             _init(nn.Conv2d(c_in, c_out, kernel, 1, 0)))
     pad, out_pad = _padding(kernel, stride)
     if transposed:
         layer = nn.ConvTranspose2d(c_in, c_out, kernel, stride, pad, output_padding=out_pad)

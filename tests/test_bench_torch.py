@@ -47,6 +47,7 @@ def tf_graph(cfg):
     ["model.extra_layers=2", "model.image_size=32"],
     ["model.extra_layers=0", "model.kernel=5", "model.gen_leaky=true"],
     ["model.gen_filters=512", "model.disc_filters=512"],  # TF's 4x4 layers as matrix products
+    ["model.kernel=4"],  # an even kernel at stride 1 (configs/cpu.json)
 ])
 def test_torch_nets_have_the_tf_nets_parameters_and_flops(torch, overrides):
     cfg = config.load(SMOKE, overrides)
@@ -64,6 +65,28 @@ def test_torch_nets_have_the_tf_nets_parameters_and_flops(torch, overrides):
     fakes = gen(torch.zeros(3, m.z_dim))
     assert tuple(fakes.shape) == (3, m.channels, m.image_size, m.image_size)
     assert tuple(disc(fakes).shape) == (3,)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_even_kernel_stride_1_layers_pad_as_tf_does(torch, transposed):
+    """Same weights, same outputs: the extra pixel of padding on TF's side."""
+    import numpy as np
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(0)
+        x = tf.constant(np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32))
+        layer = model.deconv2d if transposed else model.conv2d
+        y = layer(x, 5, 4, 1, "layer")
+        w = tf1.trainable_variables("layer/w")[0]
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            x_np, y_np, w_np = sess.run([x, y, w])
+    twin = bench_torch._conv(3, 5, 4, 1, transposed)
+    weighted = [m for m in twin.modules() if hasattr(m, "weight")][0]
+    with torch.no_grad():
+        weighted.weight.copy_(torch.from_numpy(w_np.transpose(3, 2, 0, 1).copy()))
+        out = twin(torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(out.numpy().transpose(0, 2, 3, 1), y_np, atol=1e-5)
 
 
 def test_a_step_trains_both_nets_on_either_path(torch):
