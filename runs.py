@@ -62,12 +62,21 @@ RUN_ENTRIES = {"config.json", "log.jsonl", "losses.png", "samples", CHECKPOINTS,
 
 
 def foreign_entries(run_dir):
-    """Sorted names in `run_dir` that train.py would not have written (hidden ones aside)."""
+    """Sorted names in `run_dir` (hidden ones aside) that train.py did not write: names it
+    never writes, or, since it writes config.json first, all of them when there is no
+    satgan config.json."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(name for name in os.listdir(run_dir)
-                  if name not in RUN_ENTRIES and not name.endswith(".tmp")
-                  and not name.startswith("."))
+    names = [name for name in os.listdir(run_dir) if not name.startswith(".")]
+    foreign = sorted(name for name in names
+                     if name not in RUN_ENTRIES and not name.endswith(".tmp"))
+    if foreign or not names:
+        return foreign
+    try:
+        read_run_config(run_dir)
+    except (config_lib.ConfigError, RunError):
+        return ["config.json"] if "config.json" in names else sorted(names)
+    return []
 
 
 # ---------------------------------------------------------------- finding checkpoints

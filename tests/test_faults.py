@@ -718,6 +718,9 @@ def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles_nor_hold_other_fil
     mine.mkdir()
     (mine / "config.json").write_text("my own")
     (mine / "notes.txt").write_text("my notes")
+    theirs = tmp_path / "theirs"  # only a config.json, of another program
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"my_app_setting": 1}')
     tiles = shutil.copytree(tiles16, str(tmp_path / "tiles"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -725,7 +728,8 @@ def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles_nor_hold_other_fil
     for out, names in ((a_file, ["notes.txt", "is a file"]),
                        (os.path.join(tiles, "run"), ["inside data.path", "--out"]),
                        (elsewhere / "run", ["inside data.path", "--out"]),
-                       (mine, ["holds files that are not a run's (notes.txt)", "new or empty"])):
+                       (mine, ["holds files that are not a run's (notes.txt)", "new or empty"]),
+                       (theirs, ["holds files that are not a run's (config.json)"])):
         proc = start(*smoke(tiles), "--out", out)
         assert proc.wait() == 2, proc.output()
         assert_clear_error(proc.read("stderr"), *names)
@@ -734,6 +738,7 @@ def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles_nor_hold_other_fil
     assert os.listdir(elsewhere) == []  # nothing written
     assert sorted(os.listdir(mine)) == ["config.json", "notes.txt"]
     assert (mine / "config.json").read_text() == "my own"
+    assert (theirs / "config.json").read_text() == '{"my_app_setting": 1}'
 
 
 # ---------------------------------------------------------------- 8: two runs, one folder
