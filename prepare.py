@@ -88,6 +88,10 @@ class Scene:
     size: tuple          # (width, height) in pixels
     holdout: bool | None = None  # fixed split of a file from a tile folder; None: by blocks
 
+    @property
+    def from_folder(self):
+        return self.holdout is not None
+
 
 @dataclass
 class Counts:
@@ -260,8 +264,7 @@ def scene_nodata(scene, args):
     shadow or water (a stretched 8-bit tile has them)."""
     if args.nodata != AUTO:
         return args.nodata
-    from_folder = scene.holdout is not None
-    return None if from_folder else 0
+    return None if scene.from_folder else 0
 
 
 # ---------------------------------------------------------------- finding scenes
@@ -283,14 +286,17 @@ def band_scene_name(paths):
     return prefix[:cut] if cut > 0 else paths[0].stem
 
 
-def check_image_mode(path, mode, args):
+def check_image_mode(path, mode, args, in_folder=False):
+    """An image mode prepare.py cannot tile is a PrepareError naming the file. (16-bit band
+    files named as SOURCEs never get here: collect_scenes groups them first.)"""
     if mode in BAND_MODES:
         raise PrepareError(f"{path}: a single-band {mode} image inside a tile folder; name band "
                            f"files as SOURCE arguments instead, three per scene (red green blue)")
     if mode in GRAY_MODES and args.grayscale == "error":
+        bands = "" if in_folder else (" (8-bit single-band files are not combined into a "
+                                      "scene's red, green and blue: 16-bit ones are)")
         raise PrepareError(f"{path}: grayscale image; add --grayscale convert to copy its gray "
-                           f"into all three channels, or remove it (8-bit single-band files "
-                           f"are not combined into a scene's red, green and blue: 16-bit ones are)")
+                           f"into all three channels, or remove it{bands}")
     if CONVERTED.get(mode, mode) not in KEPT_MODES:
         raise PrepareError(f"{path}: unsupported pixel mode {mode!r}; save it as 8-bit RGB, or "
                            f"as 16-bit single-band files")
@@ -378,7 +384,7 @@ def folder_scenes(folder, args, taken):
 def checked_folder_file(path, args):
     """(width, height) of a file found in a tile folder, or PrepareError saying what is wrong."""
     mode, size = read_header(path)
-    check_image_mode(path, mode, args)
+    check_image_mode(path, mode, args, in_folder=True)
     # Files found in a folder keep PIL's decompression-bomb limit: a tile folder from a
     # downloader is untrusted, and a huge file there is more likely a mistake than a tile.
     if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
@@ -479,7 +485,7 @@ def plan_tiles(scene, cells, cell, args, counts):
     split the scene) wholly inside one holdout block."""
     width, height = scene.size
     src, stride = args.source_tile, args.stride
-    by_blocks = scene.holdout is None and args.holdout > 0
+    by_blocks = not scene.from_folder and args.holdout > 0
     blocks = {}
     for y in range(0, height - src + 1, stride):
         for x in range(0, width - src + 1, stride):
@@ -560,7 +566,7 @@ def write_tiles(scenes, out, args):
         manifest = csv.writer(f)
         manifest.writerow(MANIFEST_COLUMNS)
         for i, scene in enumerate(scenes, 1):
-            if scene.holdout is None:
+            if not scene.from_folder:
                 counts.scenes += 1
                 log(f"scene {i}/{len(scenes)}: {scene.name} ({scene.size[0]} x {scene.size[1]} px"
                     f"{band_roles(scene.paths)})")
@@ -632,7 +638,7 @@ def check_kept(counts, scenes, args):
         return
     where = scenes[0].source if len(scenes) == 1 else f"any of the {len(scenes):,} scenes/files"
     if counts.kept["holdout"]:
-        block = ", use a smaller --block" if any(s.holdout is None for s in scenes) else ""
+        block = ", use a smaller --block" if any(not s.from_folder for s in scenes) else ""
         raise PrepareError(f"all {counts.kept['holdout']:,} tile(s) from {where} went to the "
                            f"holdout and none to train; lower --holdout {args.holdout:g}{block} "
                            f"or add imagery; nothing was written")

@@ -320,6 +320,7 @@ def test_every_bad_file_of_a_folder_is_named_in_one_error(inputs, capsys):
     message = capsys.readouterr().err
     assert "2 of its 3 image files cannot be used" in message
     assert "gray.png: grayscale image" in message and "junk.png: not a PNG" in message
+    assert "single-band files" not in message  # a folder's files are never bands
     assert not (inputs / "out").exists()
 
 
