@@ -96,7 +96,8 @@ def _init(layer):
     """Xavier-uniform weights and zero biases, like model._weight and model._bias."""
     from torch import nn
     nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -107,7 +108,7 @@ def generator(m):
     act = lambda: nn.LeakyReLU(m.leaky_slope) if m.gen_leaky else nn.ReLU()
     bn = lambda c: nn.BatchNorm2d(c, eps=1e-5, momentum=1 - m.bn_momentum)
     F = m.gen_filters
-    layers = [_init(nn.Linear(m.z_dim, 4 * 4 * F)), nn.Unflatten(1, (F, 4, 4)), bn(F), act()]
+    layers = [_init(nn.Linear(m.z_dim, 4 * 4 * F, bias=False)), nn.Unflatten(1, (F, 4, 4)), bn(F), act()]
     widths = [F // 2 ** i for i in range(1, levels + 1)]  # after each 2x upsampling
     widths += [widths[-1]] * m.extra_layers               # stride-1 layers at full resolution
     widths[-1] = m.channels

@@ -34,10 +34,11 @@ def _bias(name, size):
     return tf1.get_variable(name, [size], tf.float32, tf1.constant_initializer(0.0))
 
 
-def dense(x, units, name):
+def dense(x, units, name, bias=True):
+    """x [N, in] -> [N, units]; bias=False where batch norm follows (its offset is the bias)."""
     with tf1.variable_scope(name):
-        w = _weight("w", [int(x.shape[-1]), units])
-        return tf.matmul(x, w) + _bias("b", units)
+        y = tf.matmul(x, _weight("w", [int(x.shape[-1]), units]))
+        return y + _bias("b", units) if bias else y
 
 
 def conv2d(x, filters, kernel, stride, name):
@@ -192,7 +193,7 @@ def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
     act = lambda x: _activation(x, gen_leaky, leaky_slope)
     bn = lambda x, name: batch_norm(x, is_training, bn_momentum, name)
     with tf1.variable_scope(GEN_SCOPE, reuse=tf1.AUTO_REUSE):
-        x = dense(z_in, 4 * 4 * gen_filters, "project")
+        x = dense(z_in, 4 * 4 * gen_filters, "project", bias=False)  # batch norm follows
         x = act(bn(tf.reshape(x, [-1, 4, 4, gen_filters]), "project_bn"))  # [N, 4, 4, F]
         for i in range(1, levels + 1):
             last = i == levels and extra_layers == 0
@@ -248,6 +249,8 @@ def l2_regulariser(scope, scale):
     return tf.multiply(scale, tf.add_n([tf.nn.l2_loss(w) for w in weights]), name=scope + "_reg")
 
 
-def count_params(scope):
-    """Trainable parameters of one net (moving averages are not counted)."""
-    return sum(v.shape.num_elements() for v in tf1.trainable_variables(scope + "/"))
+def count_params(scope, batch_norm=False):
+    """Weights and biases of one net, or with batch_norm=True its batch-norm scales and
+    offsets (counted apart, as the write-up counts; moving averages never count)."""
+    return sum(v.shape.num_elements() for v in tf1.trainable_variables(scope + "/")
+               if v.op.name.endswith(("/gamma", "/beta")) == batch_norm)

@@ -593,8 +593,10 @@ def main(argv=None):
     with graph.as_default():
         tf1.set_random_seed(t.seed)  # Lesson 6
         g = build_graph(cfg)
-    print(f"model: generator {model_count(graph, model.GEN_SCOPE):,} parameters, "
-          f"discriminator {model_count(graph, model.DISC_SCOPE):,} parameters")
+    print("model: " + ", ".join(
+        f"{name} weights and biases {model_count(graph, scope):,} "
+        f"(+ {model_count(graph, scope, batch_norm=True):,} batch-norm)"
+        for name, scope in (("generator", model.GEN_SCOPE), ("discriminator", model.DISC_SCOPE))))
 
     os.makedirs(run_dir, exist_ok=True)
     lock = runs.acquire_lock(run_dir)
@@ -608,9 +610,9 @@ def main(argv=None):
         runs.release_lock(lock)
 
 
-def model_count(graph, scope):
+def model_count(graph, scope, batch_norm=False):
     with graph.as_default():
-        return model.count_params(scope)
+        return model.count_params(scope, batch_norm)
 
 
 def write_config(run_dir, cfg):

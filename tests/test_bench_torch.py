@@ -54,7 +54,8 @@ def test_torch_nets_have_the_tf_nets_parameters_and_flops(torch, overrides):
     m = cfg.model
     graph = tf_graph(cfg)
     with graph.as_default():
-        tf_counts = (model.count_params(model.GEN_SCOPE), model.count_params(model.DISC_SCOPE))
+        tf_counts = tuple(model.count_params(s) + model.count_params(s, batch_norm=True)
+                          for s in (model.GEN_SCOPE, model.DISC_SCOPE))
     assert bench_torch.param_counts(cfg) == tf_counts
 
     gen, disc = bench_torch.generator(m), bench_torch.discriminator(m)
