@@ -6,7 +6,7 @@ A DCGAN step is almost all convolution arithmetic, so the figure of merit is
 achieved GFLOP/s over NumPy's float32 matrix-multiply GFLOP/s with the same
 thread count. FLOPs are counted from the layer shapes, not measured; see
 `step_flops`. Steps run on random uint8 tiles (the data does not change the
-arithmetic), through the same `train.run_step` the trainer uses.
+arithmetic), through the same `gan.run_step` the trainer uses.
 """
 import argparse
 import contextlib
@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import config as config_lib
+from cli import run_main
 
 
 def parse_args(argv):
@@ -214,7 +215,7 @@ def time_steps(cfg, graph, g, sess, path, steps, first_step, yardstick):
     """
     import numpy as np
     import data
-    import train
+    import gan
     from history_cache import HistoryCache
     m, t = cfg.model, cfg.train
     rng = np.random.default_rng(0)
@@ -232,7 +233,7 @@ def time_steps(cfg, graph, g, sess, path, steps, first_step, yardstick):
             probe = yardstick.probe()
             timed.seconds = 0.0
             start = time.perf_counter()
-            record = train.run_step(timed, g, cfg, batches, cache, first_step + i, force_path=path)
+            record = gan.run_step(timed, g, cfg, batches, cache, first_step + i, force_path=path)
             log.write(json.dumps({"step": first_step + i, **record}) + "\n")
             log.flush()
             elapsed = time.perf_counter() - start
@@ -255,11 +256,7 @@ def path_figures(key, flops, totals, probes):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config, args.set)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_lib.load(args.config, args.set)
     threads = cfg.run.threads or config_lib.default_threads()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)  # NumPy's BLAS reads these when it loads
@@ -267,15 +264,15 @@ def main(argv=None):
 
     import numpy as np
     import tensorflow as tf
+    import gan
     import model
-    import train
     tf1 = tf.compat.v1
 
     yardstick = Yardstick()
     graph = tf.Graph()
     with graph.as_default():  # FLOPs from the tuned graph's static shapes either way
         tf1.set_random_seed(cfg.train.seed)
-        g = train.build_graph(cfg)
+        g = gan.build_graph(cfg)
     g_fwd, g_first = net_flops(graph, model.GEN_SCOPE)
     d_fwd, d_first = net_flops(graph, model.DISC_SCOPE)
     flops = step_flops(g_fwd, g_first, d_fwd, d_first, cfg.train.batch_size)
@@ -283,9 +280,9 @@ def main(argv=None):
         graph = tf.Graph()
         with graph.as_default(), untuned_layers():
             tf1.set_random_seed(cfg.train.seed)
-            g = train.build_graph(cfg)
+            g = gan.build_graph(cfg)
 
-    sess = tf1.Session(graph=graph, config=train.session_config(cfg))
+    sess = tf1.Session(graph=graph, config=gan.session_config(cfg))
     sess.run(g["init_op"])
     graph.finalize()
     result = {"config": args.config, "overrides": args.set, "threads": threads,
@@ -314,19 +311,20 @@ def main(argv=None):
 def time_outputs(sess, g, cfg):
     """Seconds to write one sample grid and one checkpoint."""
     import numpy as np
-    import train
+    import runs
     from history_cache import HistoryCache
     m, t = cfg.model, cfg.train
-    writer = _NullWriter()
     cache = HistoryCache(t.history_size, (m.image_size, m.image_size, m.channels))
-    z = np.zeros((t.batch_size, m.z_dim), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        os.makedirs(os.path.join(tmp, "checkpoints"))
+        run = runs.Run(tmp, sess, g, cache, _NullWriter())
+        run.state = {"sample_z": np.zeros((t.batch_size, m.z_dim), np.float32)}
+        for folder in (run.ckpt_dir, run.sample_dir):
+            os.makedirs(folder)
         start = time.perf_counter()
-        train.dump_samples(sess, g, z, tmp, writer, 1)
+        run.dump_samples(1)
         sample_s = time.perf_counter() - start
         start = time.perf_counter()
-        train.save_checkpoint(sess, g, os.path.join(tmp, "checkpoints"), 1, cache, {"sample_z": z})
+        run.save(1)
         checkpoint_s = time.perf_counter() - start
     return {"sample_dump_s": sample_s, "checkpoint_s": checkpoint_s}
 
@@ -374,4 +372,4 @@ def print_table(r):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -6,7 +6,7 @@ bench.py tells how close the TensorFlow graph comes to the machine's float32
 matmul speed. This script says whether another framework gets closer with
 the same arithmetic: it builds model.py's nets for the config in PyTorch
 (same layers, filters, kernels, biases, batch-norm placement and parameter
-counts) and times train.train_step's algorithm with four Adam optimisers.
+counts) and times gan.train_step's algorithm with four Adam optimisers.
 PyTorch's CPU convolutions are oneDNN too, so a gap between the two tables is
 framework overhead and kernel choice, not a better library. FLOPs are counted
 from layer shapes as bench.py counts them and set against the same yardstick,
@@ -35,6 +35,7 @@ import time
 
 import bench
 import config as config_lib
+from cli import run_main
 
 INSTALL = "pip install torch==2.13.0"
 # channels_last ran a path-B step of cpu.json at batch 16 15-25% faster than NCHW
@@ -187,7 +188,7 @@ def bce(logits, label):
 
 
 class Step:
-    """The nets, their four Adam optimisers and one training step, as train.train_step."""
+    """The nets, their four Adam optimisers and one training step, as gan.train_step."""
 
     def __init__(self, cfg):
         import torch
@@ -267,12 +268,12 @@ class Step:
 def time_steps(cfg, step, path, steps, first_step, yardstick):
     """Seconds of `steps` steps on `path` after 2 warm-up steps, and the probe before each.
 
-    Each step draws its batch, augmentation and latents as train.run_step does,
+    Each step draws its batch, augmentation and latents as gan.run_step does,
     so the NumPy work inside bench.py's timed steps is inside these too.
     """
     import numpy as np
     import data
-    from train import sample_latents
+    from sampling import sample_latents
     m, t = cfg.model, cfg.train
     side = config_lib.load_size(cfg)
     tiles = np.random.default_rng(0).integers(
@@ -297,7 +298,7 @@ def time_steps(cfg, step, path, steps, first_step, yardstick):
 def main(argv=None):
     args = parse_args(argv)
     cfg = config_lib.load(args.config, args.set)
-    threads = cfg.run.threads or config_lib.default_threads()  # as train.session_config
+    threads = cfg.run.threads or config_lib.default_threads()  # as gan.session_config
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)  # read by NumPy's BLAS if it is not loaded yet
     torch = import_torch()
@@ -345,8 +346,7 @@ def print_table(r):
 
 def cli(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import runs  # here, not at the top: it loads TensorFlow, which nothing above needs
-    return runs.cli(main, argv, errors=(TorchMissing,))
+    return run_main(main, argv, errors=(TorchMissing,))
 
 
 if __name__ == "__main__":

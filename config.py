@@ -9,8 +9,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config the user wrote is wrong; the message names the key."""
 
 

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from cli import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 MANIFEST = "manifest.csv"
 MAX_LISTED = 20  # problem files named in one error before "and N more"
 UNREADABLE = "cannot be read as an image"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The training data cannot be used; the message names the files."""
 
 
@@ -136,6 +138,9 @@ def walk(folder):
         yield root, sorted(n for n in names if not n.startswith("."))
 
 
+HOLDOUT = "holdout"  # the split prepare.py keeps apart from training
+
+
 def parse_set(text):
     """(path, split or None) from PATH or PATH:SPLIT; "all" is every manifest row ("")."""
     if os.path.exists(text) or ":" not in text:
@@ -146,6 +151,13 @@ def parse_set(text):
     return path, "" if split == "all" else split
 
 
+def is_manifest(path):
+    """Whether `path` is read through a manifest: a .csv file, or a folder holding one."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, MANIFEST))
+    return path.lower().endswith(".csv")
+
+
 def manifest_splits(path):
     """The splits a folder's or file's manifest.csv names; empty for a plain folder."""
     if os.path.isdir(path):
@@ -153,6 +165,22 @@ def manifest_splits(path):
     if not (os.path.isfile(path) and path.lower().endswith(".csv")):
         return set()
     return {row.get("split", "") for row in read_manifest(path)}
+
+
+def comparison_split(path):
+    """The split fakes are compared with: the holdout when the manifest has one (tiles
+    the generator never trained on), else "train"; "" for a plain folder."""
+    splits = manifest_splits(path)
+    if not splits:
+        return ""
+    return HOLDOUT if HOLDOUT in splits else "train"
+
+
+def describe_set(path, split):
+    """How messages name an image set: the path, and the split of a manifest."""
+    if not is_manifest(path):
+        return path
+    return f"{path} (split {split})" if split else f"{path} (every row)"
 
 
 def read_manifest(path):

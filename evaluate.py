@@ -20,13 +20,13 @@ import numpy as np
 from PIL import Image
 
 import config as config_lib
+from cli import UserError, run_main
 import data
 import metrics
 import runs
 
 MIN_IMAGES = 4  # per set: two halves of two images at least
 MIN_SIDE = 8  # pixels a side: the smallest model.image_size, and more than SWD's patch
-HOLDOUT_SPLIT = "holdout"
 
 HELP_EPILOG = """\
 image sets (--real, --fake, --train, --holdout) are written PATH or PATH:SPLIT:
@@ -75,23 +75,11 @@ exit status 2 with one "error: ..." line when a set or checkpoint is unusable.
 """
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """The arguments cannot be evaluated; the message says what to change."""
 
 
 # ---------------------------------------------------------------- image sets
-
-def is_manifest(path):
-    if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, data.MANIFEST))
-    return path.lower().endswith(".csv")
-
-
-def describe(path, split):
-    if not is_manifest(path):
-        return path
-    return f"{path} (split {split})" if split else f"{path} (every row)"
-
 
 def list_set(text, what):
     """(files, description) of one image set."""
@@ -99,11 +87,11 @@ def list_set(text, what):
     if not os.path.exists(path):
         raise EvalError(f"{what} '{path}' does not exist; give a folder of images, a manifest.csv "
                         f"or PATH:SPLIT (see --help)")
-    if split is not None and not is_manifest(path):
+    if split is not None and not data.is_manifest(path):
         raise EvalError(f"{what} '{path}' is a plain folder; ':{split}' picks rows of a manifest.csv "
                         f"(drop it to use every image of the folder)")
     split = "train" if split is None else split
-    return data.find_images(path, split, data.option_advice(f"--{what}")), describe(path, split)
+    return data.find_images(path, split, data.option_advice(f"--{what}")), data.describe_set(path, split)
 
 
 def image_sizes(files):
@@ -171,7 +159,7 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
         train_text = args.train
     elif run_cfg is not None:
         split = run_cfg.data.split
-        train_text = f"{run_cfg.data.path}:{split or 'all'}" if is_manifest(run_cfg.data.path) \
+        train_text = f"{run_cfg.data.path}:{split or 'all'}" if data.is_manifest(run_cfg.data.path) \
             else run_cfg.data.path
         if not os.path.exists(run_cfg.data.path):
             notes.append(f"nearest-neighbour check skipped: the run's training set "
@@ -188,17 +176,17 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
     if holdout_text is None:
         path, split = data.parse_set(train_text)
         split = "train" if split is None else split
-        if not is_manifest(path):
+        if not data.is_manifest(path):
             notes.append("nn_holdout_to_train omitted: the training set is a plain folder; "
                          "give --holdout")
-        elif split in ("", HOLDOUT_SPLIT):
+        elif split in ("", data.HOLDOUT):
             notes.append(f"nn_holdout_to_train omitted: the training set takes the manifest's "
                          f"{'every row' if not split else 'holdout rows'}; give --holdout")
-        elif HOLDOUT_SPLIT not in data.manifest_splits(path):
-            notes.append(f"nn_holdout_to_train omitted: {path} has no '{HOLDOUT_SPLIT}' split; "
+        elif data.HOLDOUT not in data.manifest_splits(path):
+            notes.append(f"nn_holdout_to_train omitted: {path} has no '{data.HOLDOUT}' split; "
                          f"give --holdout")
         else:
-            holdout_text = f"{path}:{HOLDOUT_SPLIT}"
+            holdout_text = f"{path}:{data.HOLDOUT}"
     holdout = None
     if holdout_text is not None:
         holdout, found["holdout"] = load_set(holdout_text, "holdout", image_size, notes=notes,
@@ -210,8 +198,8 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
 
 def generate_fakes(checkpoint, n, seed, threads=0):
     """(uint8 fakes [n, S, S, 3], step, run config, prefix) from a checkpoint in inference mode."""
-    import generate  # the generator's graph is built only when a checkpoint is evaluated
-    gen = generate.Generator(checkpoint, threads=threads)
+    import sampling  # TensorFlow loads only when a checkpoint is evaluated
+    gen = sampling.Generator(checkpoint, threads=threads)
     every = max(gen.batch_size, n // 4 // gen.batch_size * gen.batch_size)
 
     def progress(done, total):
@@ -368,7 +356,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    return runs.cli(main, argv, errors=(EvalError, OSError))
+    return run_main(main, argv, errors=(OSError,))
 
 
 if __name__ == "__main__":

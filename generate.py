@@ -25,10 +25,10 @@ import tensorflow as tf
 from PIL import Image
 
 import config as config_lib
+from cli import run_main
 import data
-import model
 import runs
-import train
+import sampling
 
 tf1 = tf.compat.v1
 tf.get_logger().setLevel("ERROR")
@@ -46,80 +46,6 @@ MAX_BATCH = 1024        # images per session run at most: a larger batch only co
 MAX_CELLS = 4096        # cells of a quiz or interpolation picture (64 px each: ~50 MB)
 PROGRESS_QUIET_S = 2.0  # runs shorter than this print no progress
 PROGRESS_EVERY_S = 10.0  # otherwise a line every 10% done or this often
-
-
-# ---------------------------------------------------------------- the generator
-
-def inference_images(z_in, m):
-    """uint8 images [N, S, S, 3] of the generator in inference mode, for latents z_in."""
-    fakes = model.generator(z_in, tf.constant(False), **vars(m))  # [N, S, S, 3] in -1..1
-    return model.to_u8(fakes)
-
-
-def architecture_differences(graph, prefix):
-    """How the generator variables of `graph` differ from the checkpoint's, as text lines."""
-    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-    # Optimizer slots ("<variable>/adam_g") belong to their variable, not to the net.
-    saved = {name: shape for name, shape in shapes.items()
-             if name.startswith(model.GEN_SCOPE + "/") and name.rsplit("/", 1)[0] not in shapes}
-    with graph.as_default():
-        built = {v.op.name: v.shape.as_list() for v in tf1.global_variables(model.GEN_SCOPE + "/")}
-    return runs.variable_differences(saved, built)
-
-
-def restore_generator(sess, graph, prefix, run_dir):
-    """Restore only the generator's variables; a checkpoint of another net is a RunError."""
-    differences = architecture_differences(graph, prefix)
-    if differences:
-        more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
-        raise runs.RunError(f"checkpoint '{prefix}' was not trained with the generator that "
-                            f"{run_dir}/config.json describes: {'; '.join(differences[:2])}{more}; "
-                            f"use the checkpoint with the config.json of the run that wrote it")
-    with graph.as_default():  # the v1 Saver looks up the default graph
-        saver = tf1.train.Saver(tf1.global_variables(model.GEN_SCOPE + "/"))
-        try:
-            saver.restore(sess, prefix)
-        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-            raise runs.RunError(f"checkpoint '{prefix}' does not match the generator of "
-                                f"{run_dir}/config.json: {str(e).splitlines()[0]}") from None
-
-
-class Generator:
-    """The generator of a checkpoint, in inference mode (moving-average batch norm).
-
-    The architecture comes from the run's config.json; only the generator's
-    variables are restored. `generate(z)` takes any number of latents and
-    returns uint8 images [N, S, S, 3], computed `batch_size` at a time.
-    """
-
-    def __init__(self, checkpoint, batch_size=64, threads=0):
-        self.prefix, self.run_dir = runs.resolve_checkpoint(checkpoint)
-        self.cfg = runs.read_run_config(self.run_dir)
-        self.step = runs.checkpoint_step(self.prefix)
-        m = self.cfg.model
-        self.z_dim, self.z_dist, self.batch_size = m.z_dim, m.z_dist, batch_size
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            self.z_in = tf1.placeholder(tf.float32, [batch_size, m.z_dim], "z_in")
-            self.fakes_u8_out = inference_images(self.z_in, m)
-        session_config = tf1.ConfigProto(intra_op_parallelism_threads=threads,
-                                         inter_op_parallelism_threads=1)
-        self.sess = tf1.Session(graph=self.graph, config=session_config)
-        try:
-            restore_generator(self.sess, self.graph, self.prefix, self.run_dir)
-        except runs.RunError:
-            self.sess.close()
-            raise
-        self.graph.finalize()
-
-    def latents(self, n, seed):
-        return train.sample_latents(np.random.default_rng(seed), (n, self.z_dim), self.z_dist)
-
-    def generate(self, z, progress=None):
-        return train.generate_u8(self.sess, self.z_in, self.fakes_u8_out, z, progress=progress)
-
-    def close(self):
-        self.sess.close()
 
 
 class Progress:
@@ -216,16 +142,6 @@ def answer_json(answer):
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def default_split(path):
-    """The manifest split to draw real tiles from: "holdout" when the manifest has
-    such rows (tiles the generator never trained on), else "train"; a plain
-    folder has no splits ("")."""
-    splits = data.manifest_splits(path)
-    if not splits:
-        return ""
-    return "holdout" if "holdout" in splits else "train"
-
-
 def make_quiz(gen, args):
     """quiz.png, answer.png and answer.json in args.out; returns the summary line."""
     m = gen.cfg.model
@@ -243,7 +159,7 @@ def make_quiz(gen, args):
         raise runs.RunError(f"--real '{args.real}' names split '{named}' and --split "
                             f"'{args.split}' another; give one")
     split = named if named is not None else args.split
-    split = default_split(real) if split is None else split
+    split = data.comparison_split(real) if split is None else split
     tiles, files = data.load_tiles(real, split, config_lib.load_size(gen.cfg),
                                    gen.cfg.data.grayscale, advice=data.option_advice("--real"),
                                    log=lambda text: print(text, file=sys.stderr))
@@ -336,7 +252,7 @@ def make_samples(gen, args):
     progress = Progress("generated")
     started = time.time()
     for start in range(0, args.n, gen.batch_size):
-        z = train.sample_latents(rng, (min(gen.batch_size, args.n - start), gen.z_dim),
+        z = sampling.sample_latents(rng, (min(gen.batch_size, args.n - start), gen.z_dim),
                                  gen.z_dist)
         for i, image in enumerate(gen.generate(z), start):
             save_png(os.path.join(args.out, SAMPLE_NAME.format(i)), image)
@@ -370,10 +286,10 @@ def export_saved_model(prefix, run_dir, cfg, export_dir, step):
     graph = tf.Graph()
     with graph.as_default():
         z_in = tf1.placeholder(tf.float32, [None, m.z_dim], "z_in")  # dynamic batch
-        images_out = inference_images(z_in, m)  # [None, S, S, 3] uint8
+        images_out = sampling.inference_images(z_in, m)  # [None, S, S, 3] uint8
         signature = tf1.saved_model.predict_signature_def({"z": z_in}, {"images": images_out})
         with tf1.Session(graph=graph) as sess:
-            restore_generator(sess, graph, prefix, run_dir)
+            sampling.restore_generator(sess, graph, prefix, run_dir)
             try:
                 builder = tf1.saved_model.Builder(export_dir)
                 builder.add_meta_graph_and_variables(
@@ -514,7 +430,7 @@ def main(argv=None):
         return 0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise runs.RunError(f"--out '{args.out}' is a file; give a folder")
-    gen = Generator(args.checkpoint, run_batch(args), threads)
+    gen = sampling.Generator(args.checkpoint, run_batch(args), threads)
     try:
         os.makedirs(args.out, exist_ok=True)
         make = {"samples": make_samples, "turing": make_quiz, "interpolate": make_interpolation}
@@ -534,7 +450,7 @@ def run_batch(args):
 
 
 def cli(argv=None):
-    return runs.cli(main, argv, errors=(OSError,))  # an --out it cannot write, say
+    return run_main(main, argv, errors=(OSError,))  # an --out it cannot write, say
 
 
 if __name__ == "__main__":

@@ -238,11 +238,6 @@ def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel
         return tf.squeeze(dense(x, 1, "logit"), axis=1)  # [N]
 
 
-def to_u8(images):
-    """-1..1 float images -> uint8 0..255, rounded to nearest (as train.to_u8 in NumPy)."""
-    return tf.cast(tf.round(tf.clip_by_value((images + 1.0) * 127.5, 0.0, 255.0)), tf.uint8)
-
-
 def l2_regulariser(scope, scale):
     """scale * sum(w^2) / 2 over the scope's weights, not biases (Lesson 24)."""
     weights = [v for v in tf1.trainable_variables(scope + "/") if v.op.name.endswith("/w")]

@@ -26,7 +26,7 @@ import os
 import re
 import shlex
 import shutil
-import sys
+import time
 import zipfile
 
 import numpy as np
@@ -34,19 +34,13 @@ import tensorflow as tf
 
 import config as config_lib
 import data
+from cli import UserError
+
+tf1 = tf.compat.v1
 
 
-class RunError(RuntimeError):
+class RunError(UserError):
     """A run folder or checkpoint cannot be used; the message says which and why."""
-
-
-def cli(main, argv=None, errors=()):
-    """Run a script's main: a mistake a user can make is one `error:` line and exit code 2."""
-    try:
-        return main(argv)
-    except (config_lib.ConfigError, data.DataError, RunError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 CHECKPOINTS = "checkpoints"
@@ -428,3 +422,227 @@ def _locked_error(run_dir, path, holder):
     who = f"pid {holder[0]}" if holder[0] else "another process"
     return RunError(f"'{run_dir}' is being written by another training process ({who}, "
                     f"see {path}); wait for it to finish or stop it, or choose another --out")
+
+
+# ---------------------------------------------------------------- starting a run
+
+def write_atomic(path, payload):
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
+    os.replace(path + ".tmp", path)
+
+
+def write_config(run_dir, cfg):
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    write_atomic(os.path.join(run_dir, "config.json"), text.encode())
+
+
+def open_run(config_path, overrides, out, resume):
+    """(cfg, run_dir, prefix or None, changed safe keys) after every check that can fail early.
+
+    A new run from `config_path`, or a resume of `resume` (a run folder or a checkpoint
+    prefix) in its own folder; `overrides` are --set items, `out` the --out folder."""
+    if resume:
+        prefix, run_dir = resolve_checkpoint(resume)
+        if ASIDE_NAME.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(prefix)))):
+            raise RunError(f"'{prefix}' belongs to a continuation set aside by an earlier "
+                                f"resume; generate.py and evaluate.py take it as it is; to train "
+                                f"it on, copy the run folder and move that folder's files (log "
+                                f"and samples too) back in place of the newer ones")
+        check_unlocked(run_dir)
+        if out and os.path.abspath(out) != os.path.abspath(run_dir):
+            raise RunError(f"--resume continues in its own folder '{run_dir}'; drop --out")
+        saved = read_run_config(run_dir)
+        base = config_lib.read_json(config_path) if config_path else saved.to_dict()
+        cfg = absolute_data_path(config_lib.load(base=base, overrides=overrides))
+        arch = config_lib.differences(saved, cfg, config_lib.ARCHITECTURE_KEYS)
+        if arch:
+            raise RunError(
+                f"cannot resume '{prefix}': the config changes what the checkpoint holds ("
+                + ", ".join(f"{k}: {config_lib.get(saved, k)} -> {config_lib.get(cfg, k)}"
+                            for k in arch) + "); resume with the run's own values")
+        changed = {k: [config_lib.get(saved, k), config_lib.get(cfg, k)]
+                   for k in config_lib.differences(saved, cfg, list(config_lib.flat(cfg)))}
+        done = checkpoint_step(prefix)
+        if done >= cfg.train.steps:
+            raise RunError(f"'{prefix}' is at step {done} and train.steps is "
+                                f"{cfg.train.steps}: nothing to train; to go on, resume with "
+                                f"--set train.steps=N, N above {done}")
+        check_outside_data(run_dir, cfg.data.path)
+        return cfg, run_dir, prefix, changed
+    cfg = absolute_data_path(config_lib.load(config_path, overrides))
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    run_dir = out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"--out '{run_dir}' is a file; give a folder for the run")
+    check_creatable(run_dir)
+    check_outside_data(run_dir, cfg.data.path)
+    check_unlocked(run_dir)
+    if newest_checkpoint(os.path.join(run_dir, CHECKPOINTS)):
+        raise RunError(f"'{run_dir}' already holds a run; continue it with "
+                            f"--resume {shlex.quote(run_dir)}, or choose another --out")
+    foreign = foreign_entries(run_dir)
+    if foreign:  # its config.json or log.jsonl would be overwritten
+        raise RunError(f"--out '{run_dir}' holds files that are not a run's ("
+                            + ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                            + "); give a new or empty folder for the run")
+    return cfg, run_dir, None, {}
+
+
+def check_creatable(run_dir):
+    """Before the data are read: the run folder exists or its nearest existing parent is a
+    folder this process may write in."""
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunError(f"--out '{run_dir}' lies under '{parent}', which is a file; "
+                            f"give a folder for the run")
+    if parent != os.path.abspath(run_dir) and not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"--out '{run_dir}' cannot be made: '{parent}' is not writable; "
+                            f"choose another --out")
+
+
+def absolute_data_path(cfg):
+    """data.path made absolute (and ~ expanded: a shell leaves `data.path=~/x` as it is),
+    so that config.json names the data wherever a resume """
+    cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
+    return cfg
+
+
+def check_outside_data(run_dir, data_path):
+    """A run folder inside a scanned data folder would have its samples read as tiles."""
+    if not os.path.isdir(data_path) or os.path.isfile(os.path.join(data_path, data.MANIFEST)):
+        return  # a manifest names its files; nothing else in the folder is read
+    run = os.path.realpath(run_dir) + os.sep
+    if any(run.startswith(os.path.realpath(root) + os.sep)  # symlinked folders count too
+           for root, _ in data.walk(data_path)):
+        raise RunError(f"run folder '{run_dir}' is inside data.path '{data_path}', whose "
+                            f"images are all read as tiles (the run's samples would be too); "
+                            f"choose an --out outside it")
+
+
+# ---------------------------------------------------------------- a run in progress
+
+class Run:
+    """What a training process holds of its run folder, travelling together.
+
+    The session and graph tensors (`g`, from gan.build_graph) a checkpoint
+    saves and restores, the history cache and the sidecar `state` saved with
+    them, the TensorBoard writer the samples go to, and the step of the newest
+    checkpoint of this process.
+    """
+
+    def __init__(self, run_dir, sess, g, cache, writer):
+        self.dir, self.sess, self.g, self.cache, self.writer = run_dir, sess, g, cache, writer
+        self.ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
+        self.sample_dir = os.path.join(run_dir, "samples")
+        self.state = {}  # sample_z and data_state(): what a sidecar keeps besides the cache
+        self.saved_step = 0
+
+    def save(self, step, name="model"):
+        """Sidecar first, then the Saver (data, index, then TF's `checkpoint` file).
+
+        A failed write (disk full, folder gone) stops the run: its leftovers are
+        removed, the older checkpoints and the `checkpoint` file stay as they were.
+        name="best" writes best-N with its own Saver and index file, so neither
+        retention nor `--resume RUN` ever picks or deletes it.
+        """
+        g, sess = self.g, self.sess
+        prefix = os.path.join(self.ckpt_dir, f"{name}-{step}")
+        saver, index = (g["saver"], "checkpoint") if name == "model" else (g["best_saver"], "best")
+        sess.run(g["set_step_op"], {g["step_in"]: step})
+        try:
+            save_sidecar(prefix, {**self.state, **{f"history_{k}": v
+                                                   for k, v in self.cache.state().items()}})
+            saver.save(sess, os.path.join(self.ckpt_dir, name), global_step=step,
+                       latest_filename=index, write_meta_graph=False)
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            if os.path.isdir(self.ckpt_dir):
+                remove_leftovers(self.ckpt_dir)
+            raise RunError(f"step {step}: writing checkpoint '{prefix}' failed "
+                           f"({error_cause(e)}); training stopped, the older checkpoints "
+                           f"are kept: fix the cause (disk space, permissions) and "
+                           f"--resume {shlex.quote(self.dir)}") from None
+        remove_leftovers(self.ckpt_dir)
+        if name == "model":
+            self.saved_step = step
+        return prefix
+
+    def restore(self, prefix):
+        """Weights, all four Adam states and BN averages, then the sidecar; returns (step, the
+        sidecar's state). A checkpoint of another net is refused before anything moves."""
+        g, sess = self.g, self.sess
+        saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+        built = {v.op.name: v.shape.as_list()  # what g["saver"] saves: every global variable
+                 for v in sess.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)}
+        differences = variable_differences(saved, built)
+        if differences:
+            more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
+            raise RunError(f"checkpoint '{prefix}' was not trained with the model that "
+                           f"{self.dir}/config.json describes: "
+                           f"{'; '.join(differences[:2])}{more}; resume with the config.json "
+                           f"of the run that wrote it")
+        try:
+            g["saver"].restore(sess, prefix)
+        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+            raise RunError(f"checkpoint '{prefix}' does not match this model: "
+                           f"{str(e).splitlines()[0]}") from None
+        state = load_sidecar(prefix)
+        self.cache.load_state({k[len("history_"):]: v for k, v in state.items()
+                               if k.startswith("history_")})
+        step = int(sess.run(g["global_step"]))
+        keep = g["saver"].saver_def.max_to_keep
+        g["saver"].recover_last_checkpoints(adopt_checkpoints(self.ckpt_dir, step, keep))
+        self.saved_step = step
+        return step, {k: v for k, v in state.items() if not k.startswith("history_")}
+
+    def dump_samples(self, step):
+        """Grid from the fixed noise in inference mode (moving-average batch norm)."""
+        g = self.g
+        fakes = self.sess.run(g["fakes_u8_out"], {g["z_in"]: self.state["sample_z"],
+                                                  g["is_training_in"]: False})
+        picture = data.image_grid(fakes)
+        write_atomic(os.path.join(self.sample_dir, f"step-{step:06d}.png"), data.png_bytes(picture))
+        h, w, c = picture.shape
+        image = tf1.Summary.Image(height=h, width=w, colorspace=c,
+                                  encoded_image_string=data.png_bytes(picture))
+        self.writer.add_summary(
+            tf1.Summary(value=[tf1.Summary.Value(tag="samples", image=image)]), step)
+
+    def how_to_go_on(self, step):
+        """What a user does after a stop at `step`, once its checkpoint is saved."""
+        if step == 0:
+            return (f"no step was trained; start it again with --config "
+                    f"{shlex.quote(os.path.join(self.dir, 'config.json'))} "
+                    f"--out {shlex.quote(self.dir)}")
+        return f"checkpoint saved. Continue with: python train.py --resume {shlex.quote(self.dir)}"
+
+    def diverged(self, step, record, bad):
+        """The error for a non-finite loss: no checkpoint is written after it."""
+        good = os.path.join(self.ckpt_dir, f"model-{self.saved_step}")
+        kept = (f"the last good checkpoint, {good}, is kept: lower train.lr_disc / "
+                f"train.lr_gen and --resume {shlex.quote(self.dir)}" if self.saved_step
+                else "no checkpoint was written before it: start again with lower learning rates")
+        return RunError(f"step {step}: {', '.join(bad)} became {record[bad[0]]}; "
+                        f"training stopped; {kept}")
+
+
+def error_cause(e):
+    """The line of an error that says what went wrong; TF's come after a stack."""
+    lines = [s for s in getattr(e, "message", str(e)).splitlines() if s and not s[0].isspace()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def data_state(batches, data_path):
+    """The tile count and digest a checkpoint keeps: a resume on other tiles says so."""
+    return {"data_tiles": np.int64(len(batches)),
+            "data_digest": np.str_(data.fingerprint(batches.files, data_path))}
+
+
+def data_change(saved, now):
+    """{"tiles": [then, now]} when the tiles differ from a checkpoint's; None if the same
+    (or the checkpoint predates the digest)."""
+    if "data_digest" not in saved or str(saved["data_digest"]) == str(now["data_digest"]):
+        return None
+    return {"tiles": [int(saved["data_tiles"]), int(now["data_tiles"])]}

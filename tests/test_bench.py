@@ -8,8 +8,8 @@ import tensorflow as tf
 
 import bench
 import config
+import gan
 import model
-import train
 from conftest import ROOT, run_script
 
 tf1 = tf.compat.v1
@@ -52,8 +52,8 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), flags)
     graph = tf.Graph()
     with graph.as_default():
-        g = train.build_graph(cfg)
-    sess = tf1.Session(graph=graph, config=train.session_config(cfg))
+        g = gan.build_graph(cfg)
+    sess = tf1.Session(graph=graph, config=gan.session_config(cfg))
     sess.run(g["init_op"])
     graph.finalize()
     rng = np.random.default_rng(0)
@@ -63,8 +63,8 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
         kernel = [v for v in tf1.trainable_variables() if v.op.name == "generator/up1/w"][0]
     assert kernel.dtype.base_dtype == tf.float32  # variables stay float32
     before = sess.run(kernel)
-    record, _ = train.train_step(sess, g, reals, z, None, False)
-    assert all(np.isfinite(record[k]) for k in train.LOSS_KEYS)
+    record, _ = gan.train_step(sess, g, reals, z, None, False)
+    assert all(np.isfinite(record[k]) for k in gan.LOSS_KEYS)
     assert not np.allclose(before, sess.run(kernel))
 
 
@@ -92,8 +92,8 @@ def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32(wide):
                          if wide else []))
     graph = tf.Graph()
     with graph.as_default():
-        g = train.build_graph(cfg)
-    sess = tf1.Session(graph=graph, config=train.session_config(cfg))
+        g = gan.build_graph(cfg)
+    sess = tf1.Session(graph=graph, config=gan.session_config(cfg))
     sess.run(g["init_op"])
     side = cfg.model.image_size
     feed = {g["reals_u8_in"]: np.zeros((8, side, side, 3), np.uint8),
@@ -122,7 +122,7 @@ def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_nor
         graph = tf.Graph()
         with graph.as_default(), (bench.untuned_layers() if untuned else _nothing()):
             tf1.set_random_seed(0)
-            g = train.build_graph(cfg)
+            g = gan.build_graph(cfg)
             names = sorted((v.op.name, tuple(v.shape.as_list())) for v in tf1.global_variables())
         ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
         graphs[untuned] = (graph, g, names, ops)
@@ -138,8 +138,8 @@ def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_nor
     rng = np.random.default_rng(0)
     reals = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
     z = rng.uniform(-1, 1, (8, 16)).astype(np.float32)
-    record, fakes = train.train_step(sess, g, reals, z, None, False)
-    assert fakes.shape == (8, 8, 8, 3) and all(np.isfinite(record[k]) for k in train.LOSS_KEYS)
+    record, fakes = gan.train_step(sess, g, reals, z, None, False)
+    assert fakes.shape == (8, 8, 8, 3) and all(np.isfinite(record[k]) for k in gan.LOSS_KEYS)
 
 
 def _nothing():
@@ -167,7 +167,7 @@ def test_the_yardstick_is_probed_before_every_step():
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
     graph = tf.Graph()
     with graph.as_default():
-        g = train.build_graph(cfg)
+        g = gan.build_graph(cfg)
     sess = tf1.Session(graph=graph)
     sess.run(g["init_op"])
     clock = Clock()

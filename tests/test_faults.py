@@ -30,6 +30,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import config
+import gan
 import runs
 import train
 from conftest import ROOT, write_tiles
@@ -368,7 +369,7 @@ def test_kill_9_at_any_moment_then_resume_continues_exactly(start, tiles16, trai
     pieced = step_records(records)
     assert [r["step"] for r in pieced] == list(range(1, last + 1))
     for a, b in zip(whole, pieced):
-        for key in train.LOSS_KEYS + ("d_real_acc", "d_fake_acc"):
+        for key in gan.LOSS_KEYS + ("d_real_acc", "d_fake_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
         assert (a["path"], a["history_used"]) == (b["path"], b["history_used"])
     changed = [r["changed"] for r in records if r.get("event") == "resume"]
@@ -823,13 +824,13 @@ def test_memory_and_op_count_stay_flat(steps, tiles16, tmp_path, monkeypatch):
     loss plots left to the garbage collector (about 5 MB a checkpoint).
     """
     seen = []  # (step, RSS in MB, ops in the graph)
-    one_step = train.train_step
+    one_step = gan.train_step
 
     def measured(sess, *args, **kwargs):
         result = one_step(sess, *args, **kwargs)
         seen.append((len(seen) + 1, _rss_mb(), len(sess.graph.get_operations())))
         return result
-    monkeypatch.setattr(train, "train_step", measured)
+    monkeypatch.setattr(gan, "train_step", measured)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = train.main(small(tiles16, f"train.steps={steps}", "train.checkpoint_every=60",

@@ -18,8 +18,8 @@ from PIL import Image
 from conftest import ROOT, run_script, write_tiles
 
 import data
+import sampling
 import generate
-import train
 
 SEED = 7
 SIZE = 16  # configs/smoke.json model.image_size
@@ -31,7 +31,7 @@ def error_lines(stderr):
 
 @pytest.fixture(scope="module")
 def gen(smoke_run):
-    g = generate.Generator(os.path.join(smoke_run, "checkpoints", "model-40"), batch_size=64,
+    g = sampling.Generator(os.path.join(smoke_run, "checkpoints", "model-40"), batch_size=64,
                            threads=1)
     yield g
     g.close()
@@ -76,7 +76,7 @@ def cli_export_then_load(smoke_run, out):
     proc = run_script("generate.py", "--checkpoint", smoke_run, "--export", out / "saved",
                       check=True)
     m = json.loads(open(os.path.join(smoke_run, "config.json")).read())["model"]
-    z = train.sample_latents(np.random.default_rng(SEED), (10, m["z_dim"]), m["z_dist"])
+    z = sampling.sample_latents(np.random.default_rng(SEED), (10, m["z_dim"]), m["z_dist"])
     np.save(out / "z.npy", z)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run([sys.executable, "-c", LOAD, out / "saved", out / "z.npy", out / "all.npy",
@@ -113,7 +113,7 @@ def test_samples_do_not_depend_on_the_batch_size(smoke_run, gen, modes):
 
     z = gen.latents(10, SEED)
     api_64 = gen.generate(z)
-    one = generate.Generator(smoke_run, batch_size=1, threads=1)
+    one = sampling.Generator(smoke_run, batch_size=1, threads=1)
     try:
         api_1 = one.generate(z)
     finally:
@@ -153,10 +153,10 @@ def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
 def test_latents_drawn_batch_by_batch_equal_one_draw():
     for dist in ("uniform", "normal"):
         rng = np.random.default_rng(SEED)
-        chunks = np.concatenate([train.sample_latents(rng, (k, 5), dist) for k in (3, 1, 6)])
-        whole = train.sample_latents(np.random.default_rng(SEED), (10, 5), dist)
+        chunks = np.concatenate([sampling.sample_latents(rng, (k, 5), dist) for k in (3, 1, 6)])
+        whole = sampling.sample_latents(np.random.default_rng(SEED), (10, 5), dist)
         np.testing.assert_array_equal(chunks, whole)
-    uniform = train.sample_latents(np.random.default_rng(0), (1000, 5), "uniform")
+    uniform = sampling.sample_latents(np.random.default_rng(0), (1000, 5), "uniform")
     assert uniform.min() >= -1 and uniform.max() <= 1 and uniform.dtype == np.float32
 
 
@@ -238,11 +238,11 @@ def test_answer_frames_the_fakes_and_leaves_the_reals():
 
 
 def test_default_split_prefers_the_holdout(tmp_path):
-    assert generate.default_split(os.path.join(ROOT, "data")) == "holdout"
+    assert data.comparison_split(os.path.join(ROOT, "data")) == "holdout"
     (tmp_path / "manifest.csv").write_text("file,source,x,y,split\na.png,s,0,0,train\n")
-    assert generate.default_split(str(tmp_path)) == "train"
-    assert generate.default_split(str(tmp_path / "manifest.csv")) == "train"
-    assert generate.default_split(write_tiles(str(tmp_path / "plain"), 1)) == ""
+    assert data.comparison_split(str(tmp_path)) == "train"
+    assert data.comparison_split(str(tmp_path / "manifest.csv")) == "train"
+    assert data.comparison_split(write_tiles(str(tmp_path / "plain"), 1)) == ""
 
 
 def test_too_few_real_tiles_is_a_clear_error(smoke_run, tmp_path, capsys):

@@ -11,9 +11,12 @@ import pytest
 import tensorflow as tf
 
 import config
+import gan
 import data
-import model
+import sampling
+import runs
 import train
+from history_cache import HistoryCache
 from conftest import ROOT, run_script, write_tiles
 
 tf1 = tf.compat.v1
@@ -94,7 +97,7 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
     halves = steps_of(halves)
     assert [r["step"] for r in halves] == list(range(1, 41))
     for a, b in zip(whole, halves):
-        for key in train.LOSS_KEYS + ("d_real_acc", "d_fake_acc"):
+        for key in gan.LOSS_KEYS + ("d_real_acc", "d_fake_acc"):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key)
         assert (a["path"], a["history_used"]) == (b["path"], b["history_used"])
     w_whole = weights(os.path.join(smoke_run, "checkpoints", "model-40"))
@@ -206,7 +209,7 @@ def test_config_json_names_the_data_by_an_absolute_path(smoke_run):
 def test_a_data_path_from_home_is_expanded(tmp_path, monkeypatch):
     """`--set data.path=~/tiles` reaches Python unexpanded (bash expands ~ only at a word's start)."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = train.absolute_data_path(config.load(overrides=["data.path=~/tiles"]))
+    cfg = runs.absolute_data_path(config.load(overrides=["data.path=~/tiles"]))
     assert cfg.data.path == str(tmp_path / "tiles")
 
 
@@ -218,18 +221,18 @@ def test_paths_from_home_and_with_spaces_are_taken_and_quoted(tmp_path, monkeypa
     # A command printed to continue must survive being pasted into a shell.
     (tmp_path / "my run").mkdir()
     (tmp_path / "my run" / "config.json").write_text("{}")
-    with pytest.raises(train.runs.RunError, match="--out '.*/my run'$"):
-        train.runs.resolve_checkpoint(str(tmp_path / "my run"))
+    with pytest.raises(runs.RunError, match="--out '.*/my run'$"):
+        runs.resolve_checkpoint(str(tmp_path / "my run"))
 
 
 def test_an_out_that_cannot_be_made_is_refused_before_the_data_are_read(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("mine")
     smoke = os.path.join(ROOT, "configs", "smoke.json")
-    with pytest.raises(train.runs.RunError, match="lies under '.*a_file', which is a file"):
-        train.open_run(train.parse_args(["--config", smoke, "--out", str(tmp_path / "a_file/x/run")]))
-    monkeypatch.setattr(train.os, "access", lambda path, mode: path != str(tmp_path))
-    with pytest.raises(train.runs.RunError, match=f"'{tmp_path}' is not writable"):
-        train.open_run(train.parse_args(["--config", smoke, "--out", str(tmp_path / "run")]))
+    with pytest.raises(runs.RunError, match="lies under '.*a_file', which is a file"):
+        runs.open_run(smoke, [], str(tmp_path / "a_file/x/run"), None)
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: path != str(tmp_path))
+    with pytest.raises(runs.RunError, match=f"'{tmp_path}' is not writable"):
+        runs.open_run(smoke, [], str(tmp_path / "run"), None)
 
 
 def test_a_config_that_is_a_folder_says_so(tmp_path):
@@ -260,14 +263,14 @@ def test_a_tile_gone_bad_mid_run_stops_with_a_checkpoint_and_names_it(tmp_path, 
     """data.in_memory: false reads tiles each step; when they vanish after step 3,
     the run saves step 3, names a file, says how to resume, and exits 2."""
     tiles = write_tiles(str(tmp_path / "tiles"), 24, size=16)
-    run_step = train.run_step
+    run_step = gan.run_step
 
     def deleting(sess, g, cfg, batches, cache, step, **kw):
         if step == 3:
             for name in os.listdir(tiles):
                 os.remove(os.path.join(tiles, name))
         return run_step(sess, g, cfg, batches, cache, step, **kw)
-    monkeypatch.setattr(train, "run_step", deleting)
+    monkeypatch.setattr(gan, "run_step", deleting)
     run = tmp_path / "run"
     code = train.cli(["--config", os.path.join(ROOT, "configs", "smoke.json"),
                       "--set", f"data.path={tiles}", "--set", "data.in_memory=false",
@@ -277,7 +280,7 @@ def test_a_tile_gone_bad_mid_run_stops_with_a_checkpoint_and_names_it(tmp_path, 
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err
     assert tiles in errors[0] and "after step 3" in errors[0] and f"--resume {run}" in errors[0]
-    assert train.runs.newest_checkpoint(str(run / "checkpoints")).endswith("model-3")
+    assert runs.newest_checkpoint(str(run / "checkpoints")).endswith("model-3")
     assert [r["step"] for r in steps_of(read_log(run))] == [1, 2, 3]
 
 
@@ -294,7 +297,7 @@ def built(cfg):
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(0)
-        g = train.build_graph(cfg)
+        g = gan.build_graph(cfg)
     sess = tf1.Session(graph=graph)
     sess.run(g["init_op"])
     graph.finalize()
@@ -330,10 +333,10 @@ def test_load_size_trains_on_windows_of_the_larger_tiles(monkeypatch):
     tiles = np.random.default_rng(0).integers(0, 256, (3 * B, 32, 32, 3), dtype=np.uint8)
     batches = data.Batches(tiles, [""] * len(tiles), B, 32, seed=0)
     seen = []
-    monkeypatch.setattr(train, "train_step", lambda sess, g, reals, *rest, **kw:
+    monkeypatch.setattr(gan, "train_step", lambda sess, g, reals, *rest, **kw:
                         (seen.append(reals) or {}, np.zeros((B, 16, 16, 3), np.float32)))
-    cache = train.HistoryCache(10, (16, 16, 3))
-    train.run_step(None, None, cfg, batches, cache, step=2)
+    cache = HistoryCache(10, (16, 16, 3))
+    gan.run_step(None, None, cfg, batches, cache, step=2)
     source = tiles[data.batch_indices(1, B, len(tiles), 0)]
     assert seen[0].shape == (B, 16, 16, 3)
     for tile, crop in zip(source, seen[0]):
@@ -347,7 +350,7 @@ def test_graph_is_finalized_and_its_op_count_constant():
     graph, g, sess = built(cfg)
     before = len(graph.get_operations())
     for step in range(3):
-        train.train_step(sess, g, *batch(cfg, step), None, False)
+        gan.train_step(sess, g, *batch(cfg, step), None, False)
     assert graph.finalized and len(graph.get_operations()) == before
 
 
@@ -357,8 +360,8 @@ def test_optimisers_and_losses_never_share_a_run():
     graph, g, sess = built(cfg)
     rec = RecordingSession(sess)
     train_ops = {g[k].name for k in ("d_real_op", "d_fake_op", "d_total_op", "g_op")}
-    loss_names = {g[k].name for k in train.LOSS_KEYS}
-    record, _ = train.train_step(rec, g, *batch(cfg), None, False)
+    loss_names = {g[k].name for k in gan.LOSS_KEYS}
+    record, _ = gan.train_step(rec, g, *batch(cfg), None, False)
     for fetched in rec.fetched:
         assert not (fetched & train_ops and fetched & loss_names)
     ops = [f & train_ops for f in rec.fetched if f & train_ops]
@@ -386,9 +389,9 @@ def test_a_fake_becomes_the_same_pixels_in_the_graph_and_in_numpy():
     values = np.concatenate([edges, np.random.default_rng(0).uniform(-1, 1, 1000)]).astype(np.float32)
     with tf.Graph().as_default():
         x = tf1.placeholder(tf.float32, [None])
-        in_graph = tf1.Session().run(model.to_u8(x), {x: values})
-    assert in_graph.tolist() == train.to_u8(values).tolist()
-    assert train.to_u8(np.float32([0.0, -1.0, 1.0])).tolist() == [128, 0, 255]
+        in_graph = tf1.Session().run(sampling.to_u8_op(x), {x: values})
+    assert in_graph.tolist() == sampling.to_u8(values).tolist()
+    assert sampling.to_u8(np.float32([0.0, -1.0, 1.0])).tolist() == [128, 0, 255]
 
 
 def test_history_images_reach_d_in_the_real_paths_range():
@@ -425,9 +428,9 @@ def test_regulariser_is_part_of_what_the_optimisers_minimise():
 def test_thread_limits_come_from_the_config():
     cfg = tiny_cfg()
     cfg.run.threads = 0
-    assert train.session_config(cfg).intra_op_parallelism_threads == config.default_threads()
+    assert gan.session_config(cfg).intra_op_parallelism_threads == config.default_threads()
     cfg.run.threads = 1
-    assert train.session_config(cfg).intra_op_parallelism_threads == 1
+    assert gan.session_config(cfg).intra_op_parallelism_threads == 1
 
 
 def test_d_step_trains_d_on_the_generated_batch_it_returns():
@@ -438,14 +441,14 @@ def test_d_step_trains_d_on_the_generated_batch_it_returns():
                 if v.op.name == "discriminator/down1/w"][0]
     reals, z = batch(cfg)
     before = sess.run(d_kernel)
-    record, fakes = train.train_step(sess, g, reals, z, None, False)
+    record, fakes = gan.train_step(sess, g, reals, z, None, False)
     assert not np.allclose(before, sess.run(d_kernel))
-    assert record["path"] == train.choose_path(record["d_real_acc"], record["d_fake_acc"])
+    assert record["path"] == gan.choose_path(record["d_real_acc"], record["d_fake_acc"])
     assert fakes.shape == (cfg.train.batch_size, 16, 16, 3)
     # The same z through the weights of before the G updates: a fresh graph would differ.
     assert np.abs(fakes).max() <= 1.0 and not np.allclose(fakes, sess.run(
         g["fakes_out"], {g["reals_u8_in"]: reals, g["z_in"]: z}))
-    cached = train.to_u8(fakes[0])
+    cached = sampling.to_u8(fakes[0])
     assert cached.dtype == np.uint8 and cached.shape == (16, 16, 3)  # Lesson 35
 
 

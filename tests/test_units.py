@@ -8,7 +8,7 @@ import pytest
 import config
 from history_cache import HistoryCache
 from conftest import ROOT
-from train import choose_path, history_count, use_history
+from gan import choose_path, history_count, use_history
 
 
 # ---------------------------------------------------------------- Lesson 39
