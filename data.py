@@ -1,7 +1,8 @@
 """Training tiles: found, validated and held as one uint8 NHWC array.
 
 Every file is read once at start-up (Lesson 4) with PIL (Lesson 13), checked
-(Lesson 7: grayscale, alpha, palette, 16-bit, corrupt and undersized files)
+(Lesson 7: grayscale, alpha, palette, 16-bit, corrupt and undersized files;
+TIFFs that are scenes rather than tiles, which prepare.py must cut first)
 with every problem reported at once by file name, and brought to
 image_size x image_size RGB: a non-square image is cut to its centred square
 first (the shorter side; the rest of the image is not used), then area-averaged.
@@ -19,18 +20,26 @@ import csv
 import hashlib
 import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import rasterio
 from PIL import Image, ImageOps
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+TIFF_EXTENSIONS = (".tif", ".tiff")
 MANIFEST = "manifest.csv"
 MAX_LISTED = 20  # problem files named in one error before "and N more"
 UNREADABLE = "cannot be read as an image"
+
+# TIFF tiles rarely carry a georeference; rasterio's warning about that is noise here.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
 class DataError(UserError):
@@ -56,6 +65,8 @@ class Advice:
     small: str = "use larger images, or a smaller model.image_size (and data.load_size)"
     unreadable: str = "set data.bad_files=skip to drop unreadable files"
     run_folder: str = "set data.path to a folder of tiles"
+    raster: str = ("cut it into tiles first: python prepare.py FOLDER --out tiles, then "
+                   "--set data.path=tiles")
 
 
 TRAIN_ADVICE = Advice()
@@ -75,7 +86,9 @@ def option_advice(option):
                   small=f"give {option} larger images",
                   unreadable=f"remove or replace them in {option}",
                   run_folder=f"give {option} a folder of tiles (generate.py and evaluate.py "
-                             f"take a run's generator with --checkpoint)")
+                             f"take a run's generator with --checkpoint)",
+                  raster=f"cut it into tiles first (python prepare.py FOLDER --out tiles) and "
+                         f"give {option} the tiles")
 
 
 # ---------------------------------------------------------------- finding files
@@ -230,6 +243,10 @@ def read_tile(path, image_size, grayscale="error", advice=TRAIN_ADVICE):
     A non-square image is cut to its centred square before area averaging
     (see `_fit`).
     """
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        problem = _scene_raster(path)
+        if problem:
+            raise TileError(f"{problem}; {advice.raster}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -242,6 +259,22 @@ def read_tile(path, image_size, grayscale="error", advice=TRAIN_ADVICE):
     if array.ndim == 3 and grayscale == "error" and _is_gray(array) and mode != "gray":
         raise TileError(f"is grayscale stored as RGB (all channels equal); {advice.gray_as_rgb}")
     return _fit(array, image_size, advice)
+
+
+def _scene_raster(path):
+    """What a TIFF is when it is a scene as remote-sensing pipelines write it (more colour
+    bands than red, green, blue, or values that are not 8-bit), which PIL would misread: a
+    near-infrared fourth band as transparency, 16-bit colour as its high bytes. None for a
+    tile PIL reads right, and for single-band files (grayscale, checked as such)."""
+    try:
+        with rasterio.open(path) as ds:
+            colour = [i for i in ds.colorinterp if i != ColorInterp.alpha]
+            count, dtype = ds.count, ds.dtypes[0]
+    except RasterioError:
+        return None     # PIL's own reading says what is wrong with it
+    if len(colour) < 2 or (len(colour) == 3 and dtype == "uint8"):
+        return None
+    return f"is a {count}-band {dtype} raster, not an 8-bit RGB tile"
 
 
 def _to_rgb(img, grayscale, advice=TRAIN_ADVICE):

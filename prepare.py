@@ -2,14 +2,15 @@
 
     python prepare.py SOURCE... --out DIR        (python prepare.py --help for the details)
 
-Writes DIR/train/*.png, DIR/holdout/*.png and DIR/manifest.csv (file,source,x,y,split).
-Options, paths and image headers are checked before the first tile is cut; pixels (a
-truncated file, a band without variation) when their scene is tiled. The output is built in a
-sibling folder that replaces DIR's outputs only when all went well and some tile went to train,
-so a bad input never leaves a half-written or empty DIR behind.
+Reads any raster GDAL reads, through rasterio. Writes DIR/train/*.png, DIR/holdout/*.png and
+DIR/manifest.csv (file, source, x, y, split, and where the source is georeferenced its crs,
+the tile's bounds in it and its centre's lon, lat). Options, paths and headers are checked
+before the first tile is cut; pixels (a truncated file, a band without variation) when their
+scene is tiled. The output is built in a sibling folder that replaces DIR's outputs only when
+all went well and some tile went to train, so a bad input never leaves a half-written or
+empty DIR behind.
 """
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -18,60 +19,85 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
 from PIL import Image
+from rasterio import warp
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.transform import xy
+from rasterio.windows import Window
 
 import config as config_lib
 import data
 
+# Plain PNG and JPEG tiles carry no georeference; that is expected, not worth a warning.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
 SPLITS = ("train", "holdout")
 OUTPUTS = (*SPLITS, "manifest.csv")     # what --overwrite replaces in DIR; nothing else
-MANIFEST_COLUMNS = ("file", "source", "x", "y", "split")
-AUTO = "auto"                           # --nodata's default, see scene_nodata
-BAND_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}   # single-band 16/32-bit: stretched bands
-GRAY_MODES = {"1", "L", "LA", "La"}
-CONVERTED = {"1": "L", "La": "LA", "P": "RGB", "PA": "RGBA", "RGBX": "RGB", "RGBa": "RGBA",
-             "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
-KEPT_MODES = {"L", "LA", "RGB", "RGBA"}  # what ImagePixels reads strips from
+MANIFEST_COLUMNS = ("file", "source", "x", "y", "split",
+                    "crs", "left", "bottom", "right", "top", "lon", "lat")
+AUTO = "auto"                           # --nodata's and --stretch's default
+DEFAULT_BANDS = (1, 2, 3)               # --bands of a multi-band file
+FOLDER_EXTENSIONS = (*data.IMAGE_EXTENSIONS, ".jp2")   # the files of a source folder
+OVERVIEW_PX = 4_000_000                 # pixels of the reduced read deciding collar and stretch
 STRETCH_SAMPLE_PX = 1_000_000           # pixels per band that decide a scene's stretch
 PROGRESS_EVERY_S = 5.0
 
 HELP = """\
 SOURCE is one of:
-  an 8-bit image (PNG, JPEG, TIFF, BMP, WebP, GIF) of any size, one scene.
-      Palette and RGBA images become RGB (alpha 0 = no data); grayscale needs
+  a raster file GDAL reads (GeoTIFF or COG of any compression, JPEG2000, PNG,
+      JPEG, VRT, ...), of any size and band count, one scene. --bands picks
+      its red, green and blue (default 1,2,3; a note names the bands left
+      out). A palette becomes its colours; a grayscale image needs
       --grayscale convert.
-  single-band 16-bit files (e.g. Landsat GeoTIFF bands): every three in a row
-      form one scene, in the order red, green, blue, and must have the same
-      size. Each band is stretched to 0..255 between --percentiles of the
-      scene's valid pixels, computed once per scene.
+  single-band files that are not 8-bit (Landsat or Sentinel-2 bands): every
+      three in a row form one scene, in the order red, green, blue, and must
+      have the same size.
   a folder: every image file below it (searched recursively, as train.py
       finds tiles) is tiled on its own, and the holdout takes whole files.
 
+8-bit data are taken as they are; every other type (uint16, int16, uint32,
+float32, float64) is stretched to 0..255 per band between --percentiles of the
+scene's valid pixels, once per scene (--stretch on|off forces it or turns it
+off: off clips values to 0..255).
+
+No data, the way GDAL sees it: what a file declares (a nodata value, an alpha
+band, an internal mask) first. A scene that declares nothing gets the black
+collar rule: pixels 0 in every band that connect to the scene's edge (the
+collar USGS leaves undeclared) are no data, black pixels inside the imagery
+(shadow, water) are not; a folder's files, tiles, get no rule. --nodata V (every
+band holds V) or none replaces a declared value and the collar rule. NaN is
+always no data. A tile whose share of no-data pixels exceeds --max-nodata
+(default 0: any) is dropped. The summary names each scene's rule.
+
 Tiles of --source-tile pixels are cut every --stride pixels and shrunk to
---tile pixels by area averaging. A tile with any no-data pixel (all bands equal
-to --nodata, or alpha 0) is dropped; by default --nodata is 0 for band files and
-single images, whose borders outside the imaged area hold 0, and off for the
-files of a folder, tiles whose black pixels are imagery. For the holdout each
-scene is divided into square blocks of --block pixels; blocks taken in seeded
-random order go to the holdout until they hold about --holdout of the scene's
-tiles, and only tiles lying wholly inside one block are kept, so no train tile
-overlaps a holdout tile even when --stride is smaller than --source-tile.
+--tile pixels by area averaging. For the holdout each scene is divided into
+square blocks of --block pixels; blocks taken in seeded random order go to the
+holdout until they hold about --holdout of the scene's tiles, and only tiles
+lying wholly inside one block are kept, so no train tile overlaps a holdout
+tile even when --stride is smaller than --source-tile.
 
 Output: DIR/train/*.png, DIR/holdout/*.png, DIR/manifest.csv with columns
-file (relative to DIR), source, x, y (top-left pixel in the source), split.
-DIR must lie outside every SOURCE folder. A run that keeps no tile for training
-(e.g. every tile had no-data pixels) is an error and writes nothing. A band file
-without variation (every pixel the same value) cannot be stretched: an error.
+file (relative to DIR), source, x, y (top-left pixel in the source), split,
+and for georeferenced sources crs, left, bottom, right, top (the tile's bounds
+in the crs) and lon, lat (its centre); empty for the others. DIR must lie
+outside every SOURCE folder. A run that keeps no tile for training (e.g. every
+tile had no-data pixels) is an error and writes nothing. A band without
+variation (every pixel the same value) cannot be stretched: an error.
 
 examples:
   # natural-colour Landsat-8 (R=B4, G=B3, B=B2), two scenes (bash)
   python prepare.py L8/*_224077_*_B{4,3,2}.TIF L8/*_224078_*_B{4,3,2}.TIF --out data
-  # 256x256 map tiles at 0.5 m -> 64x64
+  # a 4-band aerial GeoTIFF (red, green, blue, near-infrared)
+  python prepare.py survey/rgbn.tif --out tiles
+  # a folder of downloaded 256x256 tiles at 0.5 m -> 64x64
   python prepare.py downloads/tiles --source-tile 256 --out tiles64
 """
 
@@ -84,8 +110,11 @@ class PrepareError(Exception):
 class Scene:
     name: str            # start of its tile file names, unique within a run
     source: str          # what the manifest's source column says
-    paths: list          # one image, or the red, green and blue band files
+    paths: list          # one raster file, or the red, green and blue band files
     size: tuple          # (width, height) in pixels
+    reads: tuple         # (path, band) giving red, green and blue, bands numbered from 1
+    dtype: str           # of the pixels as stored: 'uint8', 'uint16', 'float32', ...
+    palette: bool = False        # one band of indices into a colour table
     holdout: bool | None = None  # fixed split of a file from a tile folder; None: by blocks
 
     @property
@@ -103,168 +132,287 @@ class Counts:
     block_edge: int = 0   # tiles crossing a holdout block edge
     too_small: int = 0    # scenes or files smaller than --source-tile
     first_too_small: tuple | None = None  # (source, (width, height)) of the first of them
+    rules: Counter = field(default_factory=Counter)  # no-data rule -> scenes or files given it
 
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- reading images
+# ---------------------------------------------------------------- reading rasters
 
-@contextlib.contextmanager
-def no_pixel_limit():
-    """PIL refuses images above Image.MAX_IMAGE_PIXELS as possible decompression bombs. A
-    scene the user names on the command line is big on purpose, so lift the limit for it."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+def open_raster(path):
+    """An open rasterio dataset, or PrepareError naming the file and GDAL's reason."""
     try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+        return rasterio.open(path)
+    except RasterioIOError as error:
+        raise PrepareError(f"{path}: GDAL cannot read it ({error}); replace or remove it") from None
 
 
-def unreadable(path, error):
-    if isinstance(error, FileNotFoundError):
-        return PrepareError(f"{path}: no such file; check the path")
-    if isinstance(error, Image.UnidentifiedImageError):
-        return PrepareError(f"{path}: not a PNG, JPEG or TIFF image, or a corrupt one; "
-                            f"replace or remove it")
-    return PrepareError(f"{path}: cannot read the image ({error}); replace or remove it")
+@dataclass(frozen=True)
+class Header:
+    """What deciding a file's role needs, read without decoding a pixel."""
+    count: int       # bands, numbered 1..count as GDAL does
+    dtype: str       # 'uint8', 'uint16', 'float32', ...
+    interp: tuple    # GDAL's colour interpretation of each band: 'red', 'alpha', 'undefined', ...
+    size: tuple      # (width, height) in pixels
+
+    @property
+    def palette(self):
+        return self.interp == ("palette",)
+
+    @property
+    def colour_bands(self):
+        """The bands holding imagery: all but an alpha band, which marks no data."""
+        return [b for b, name in enumerate(self.interp, 1) if name != "alpha"]
+
+    @property
+    def is_band(self):
+        """One band of a scene: single-band and not 8-bit (8-bit ones are grayscale images)."""
+        return len(self.colour_bands) == 1 and self.dtype != "uint8" and not self.palette
 
 
 def read_header(path):
-    """(mode, (width, height)) without decoding the pixels."""
+    with open_raster(path) as ds:
+        return Header(ds.count, ds.dtypes[0], tuple(ci.name for ci in ds.colorinterp),
+                      (ds.width, ds.height))
+
+
+def read_band(ds, band, masks=False, **where):
+    """One band (or its GDAL mask) in a `window=`, or whole at `out_shape=`; overviews serve
+    reduced reads where the file has them. A read GDAL fails is a PrepareError naming the file."""
     try:
-        with no_pixel_limit(), Image.open(path) as img:
-            deep_colour = (img.mode in ("RGB", "RGBA")
-                           and any(";16" in str(tile.args) for tile in img.tile))
-            mode, size = img.mode, img.size
-    except (OSError, SyntaxError, ValueError) as error:
-        raise unreadable(path, error) from None
-    if deep_colour:  # Pillow keeps only the high byte of each 16-bit colour value
-        raise PrepareError(f"{path}: a 16-bit colour image, which Pillow reads as 8 bits (dark "
-                           f"and coarse when the data use a small part of the 16-bit range); "
-                           f"give its red, green and blue as 16-bit single-band files, which "
-                           f"are stretched, or convert it to 8-bit RGB")
-    return mode, size
+        if masks:
+            return ds.read_masks(band, resampling=Resampling.nearest, **where)
+        return ds.read(band, resampling=Resampling.nearest, **where)
+    except RasterioError as error:
+        raise PrepareError(f"{ds.name}: GDAL cannot read its pixels ({error}); replace or "
+                           f"remove it") from None
 
 
-def load_image(path):
-    """The whole decoded image. PIL reads from our own file object, so the decoded pixels
-    stay usable after the file is closed."""
-    try:
-        with no_pixel_limit(), open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-            return img
-    except (OSError, SyntaxError, ValueError) as error:
-        raise unreadable(path, error) from None
+@dataclass(frozen=True)
+class NodataRule:
+    """Which pixels of a scene are no data. Non-finite float pixels always are."""
+    declared: str | None   # what the file declares through GDAL's mask ('alpha band', ...)
+    value: float | None    # --nodata V: every band holds V
+    collar: bool           # black (0 in every band) and connected to the scene's edge
+
+    def __str__(self):
+        parts = [self.declared] if self.declared else []
+        if self.value is not None:
+            parts.append(f"--nodata {self.value:g}")
+        if self.collar:
+            parts.append("black collar (0 in every band, connected to the edge)")
+        return " + ".join(parts) or "none"
 
 
-class ImagePixels:
-    """An 8-bit scene kept as one decoded PIL image (about the size of the uint8 scene);
-    row strips are copied out as needed, so no second copy of the whole scene is made."""
+def nodata_rule(scene, datasets, args):
+    """The field's order: what the file declares (a nodata value, an alpha band, an internal
+    mask), else the black collar for a scene (Landsat Level-1 leaves its collar undeclared;
+    black inside the imagery is shadow or water), and nothing for a folder's files (tiles,
+    whose black is imagery). --nodata V or none replaces a declared value and the collar."""
+    flags = {flag for path, band in scene.reads
+             for flag in datasets[path].mask_flag_enums[band - 1]}
+    declared = None
+    if MaskFlags.alpha in flags:
+        declared = "alpha band"
+    elif MaskFlags.nodata in flags and args.nodata == AUTO:
+        first = datasets[scene.reads[0][0]]
+        declared = f"nodata value {first.nodata:g} declared by the file"
+    elif MaskFlags.per_dataset in flags:
+        declared = "mask declared by the file"
+    value = None if args.nodata in (AUTO, None) else args.nodata
+    collar = args.nodata == AUTO and declared is None and not scene.from_folder
+    return NodataRule(declared, value, collar)
 
-    def __init__(self, img, nodata):
-        mode = CONVERTED.get(img.mode, img.mode)
-        if img.mode == "P" and "transparency" in img.info:
-            mode = "RGBA"
-        self.img = img if mode == img.mode else img.convert(mode)
-        self.nodata = nodata
 
-    def _rows(self, y0, y1):
-        """(colour (h, W, 1 or 3), alpha (h, W) or None) of rows y0..y1."""
-        arr = np.asarray(self.img.crop((0, y0, self.img.width, y1)))
-        arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
-        if self.img.mode.endswith("A"):
-            return arr[..., :-1], arr[..., -1]
-        return arr, None
+def spread_along_rows(reached, mask):
+    """Every run of `mask` pixels along a row that holds a reached pixel becomes reached."""
+    height, width = mask.shape
+    padded = np.zeros((height, width + 1), bool)    # a gap after each row ends its last run
+    padded[:, :width] = mask
+    run = np.cumsum(~padded.ravel())                # the pixels of one run share a number
+    hits = np.zeros_like(padded)
+    hits[:, :width] = reached
+    touched = np.bincount(run, weights=hits.ravel()) > 0
+    return mask & touched[run].reshape(height, width + 1)[:, :width]
 
-    def rgb_rows(self, y0, y1):
-        colour, _ = self._rows(y0, y1)
-        return np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
 
-    def nodata_rows(self, y0, y1):
-        colour, alpha = self._rows(y0, y1)
-        nodata = np.zeros(colour.shape[:2], bool)
-        if alpha is not None:
-            nodata |= alpha == 0
-        if self.nodata is not None:
-            nodata |= np.all(colour == self.nodata, axis=2)
+def edge_connected(mask):
+    """The pixels of `mask` joined to the image's edge through 4-connected `mask` pixels: a
+    scene's black collar, without the black shadows inside the imagery. A flood fill in pure
+    NumPy: sweeps along rows, then columns, until nothing changes (two or three for a collar)."""
+    reached = np.zeros_like(mask)
+    reached[[0, -1], :] = mask[[0, -1], :]
+    reached[:, [0, -1]] |= mask[:, [0, -1]]
+    while True:
+        grown = spread_along_rows(spread_along_rows(reached, mask).T, mask.T).T
+        if np.array_equal(grown, reached):
+            return reached
+        reached = grown
+
+
+def grow_by_one(mask):
+    """`mask` and its 8 neighbours."""
+    tall = mask.copy()
+    tall[1:] |= mask[:-1]
+    tall[:-1] |= mask[1:]
+    grown = tall.copy()
+    grown[:, 1:] |= tall[:, :-1]
+    grown[:, :-1] |= tall[:, 1:]
+    return grown
+
+
+def overview_shape(width, height):
+    """(rows, columns) of a scene's reduced read: at most about OVERVIEW_PX pixels."""
+    step = max(1, math.ceil(math.sqrt(width * height / OVERVIEW_PX)))
+    return math.ceil(height / step), math.ceil(width / step)
+
+
+class ScenePixels:
+    """A scene's red, green and blue, read from its files in row strips, so memory stays
+    bounded whatever the scene's size, as uint8 RGB and a no-data mask.
+
+    What needs the whole scene (the collar, the stretch) is decided once on a reduced read of
+    at most OVERVIEW_PX pixels, the scene itself for all but big ones. There the collar is
+    found by a flood fill of the black pixels from the edge; at full resolution a pixel is
+    collar when it is black and its overview cell or a neighbour is collar, since a cell read
+    as imagery can still hold some black collar pixels along the collar's border."""
+
+    def __init__(self, scene, args):
+        self.scene = scene
+        self.width, self.height = scene.size
+        self.datasets = {}
+        for path in scene.paths:
+            self.datasets[path] = open_raster(path)
+        self.lut = palette_lut(self.datasets[scene.paths[0]]) if scene.palette else None
+        self.rule = nodata_rule(scene, self.datasets, args)
+        shape = overview_shape(self.width, self.height)
+        bands = self._bands(out_shape=shape)
+        nodata = self._nodata(bands, out_shape=shape)
+        self.collar = None
+        if self.rule.collar:
+            black = np.logical_and.reduce([band == 0 for band in bands])
+            collar = edge_connected(black)
+            nodata |= collar
+            self.collar = collar if shape == (self.height, self.width) else grow_by_one(collar)
+        stretch = args.stretch == "on" or (args.stretch == AUTO and
+                                           any(band.dtype != np.uint8 for band in bands))
+        self.limits = stretch_limits(bands, nodata, scene, args.percentiles) if stretch else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for ds in self.datasets.values():
+            ds.close()
+
+    def _bands(self, **where):
+        """[3 x (h, w)] the red, green and blue values as the files hold them (a palette's
+        indices become their colours), in `window=` or whole at `out_shape=`."""
+        if self.lut is not None:
+            index = read_band(self.datasets[self.scene.paths[0]], 1, **where)
+            return [self.lut[:, c][index] for c in range(3)]
+        read = {key: read_band(self.datasets[key[0]], key[1], **where)
+                for key in dict.fromkeys(self.scene.reads)}   # a gray file's band read once
+        return [read[key] for key in self.scene.reads]
+
+    def _nodata(self, bands, **where):
+        """(h, w) bools: no data by the rule, the collar aside."""
+        nodata = np.zeros(bands[0].shape, bool)
+        for band in bands:
+            if band.dtype.kind == "f":
+                nodata |= ~np.isfinite(band)
+        if self.rule.declared:  # GDAL's dataset mask: no data where every band's mask says so
+            nodata |= np.logical_and.reduce([
+                read_band(self.datasets[path], band, masks=True, **where) == 0
+                for path, band in dict.fromkeys(self.scene.reads)])
+        if self.rule.value is not None:
+            nodata |= np.logical_and.reduce([band == self.rule.value for band in bands])
         return nodata
 
-
-class BandPixels:
-    """Three single-band rasters (red, green, blue). Each is stretched to 0..255 between
-    percentiles computed once over the whole scene, so all its tiles share one stretch."""
-
-    def __init__(self, bands, paths, nodata, percentiles):
-        self.bands = bands      # 3 x (H, W) integers
-        self.nodata = nodata
-        self.limits = stretch_limits(bands, paths, nodata, percentiles)
-
-    def rgb_rows(self, y0, y1):
-        rgb = np.empty((y1 - y0, self.bands[0].shape[1], 3), np.uint8)
-        for c, (band, (low, high)) in enumerate(zip(self.bands, self.limits)):
-            scale = 255 / (high - low)
-            rgb[..., c] = np.clip((band[y0:y1].astype(np.float32) - low) * scale, 0, 255).round()
-        return rgb
+    def _window(self, y0, y1):
+        return {"window": Window(0, y0, self.width, y1 - y0)}
 
     def nodata_rows(self, y0, y1):
-        if self.nodata is None:
-            return np.zeros((y1 - y0, self.bands[0].shape[1]), bool)
-        return np.logical_and.reduce([band[y0:y1] == self.nodata for band in self.bands])
+        where = self._window(y0, y1)
+        bands = self._bands(**where)
+        nodata = self._nodata(bands, **where)
+        if self.collar is not None:
+            rows = np.arange(y0, y1) * self.collar.shape[0] // self.height
+            cols = np.arange(self.width) * self.collar.shape[1] // self.width
+            black = np.logical_and.reduce([band == 0 for band in bands])
+            nodata |= black & self.collar[np.ix_(rows, cols)]
+        return nodata
+
+    def rgb_rows(self, y0, y1):
+        """(h, W, 3) uint8: 8-bit values as they are, others stretched (or clipped to 0..255
+        with --stretch off); non-finite values become 0."""
+        bands = self._bands(**self._window(y0, y1))
+        rgb = np.empty((y1 - y0, self.width, 3), np.uint8)
+        for c, band in enumerate(bands):
+            values = np.nan_to_num(band, nan=0, posinf=0, neginf=0) if band.dtype.kind == "f" \
+                else band
+            if self.limits is not None:
+                low, high = self.limits[c]
+                values = (values.astype(np.float32) - low) * np.float32(255 / (high - low))
+            rgb[..., c] = values if values.dtype == np.uint8 else np.clip(values, 0, 255).round()
+        return rgb
+
+    def places(self, xs, y, size):
+        """Per tile at (x, y), x in xs: its crs, left, bottom, right, top (in the crs) and
+        centre lon, lat; empty strings where the scene is not georeferenced."""
+        ds = self.datasets[self.scene.paths[0]]
+        if ds.crs is None:
+            return [("",) * 7 for _ in xs]
+        cols, row = np.array(xs, float), np.full(len(xs), float(y))
+        lefts, tops = xy(ds.transform, row, cols, offset="ul")    # a north-up grid's corners
+        rights, bottoms = xy(ds.transform, row + size, cols + size, offset="ul")
+        lons, lats = warp.transform(ds.crs, "EPSG:4326",
+                                    *xy(ds.transform, row + size / 2, cols + size / 2, offset="ul"))
+        crs = ds.crs.to_string()
+        bounds = zip(lefts, bottoms, rights, tops)
+        return [(crs, *(f"{v:.10g}" for v in box), f"{lon:.7f}", f"{lat:.7f}")
+                for box, lon, lat in zip(bounds, lons, lats)]
 
 
-def stretch_limits(bands, paths, nodata, percentiles):
-    """Per band (low, high) at the given percentiles of the valid pixels. A strided subsample
-    of about STRETCH_SAMPLE_PX pixels keeps this cheap on big scenes. A band whose low and
-    high coincide cannot be stretched (it would come out black): an error naming its file."""
-    height, width = bands[0].shape
-    step = max(1, math.ceil(math.sqrt(height * width / STRETCH_SAMPLE_PX)))
-    samples = np.stack([band[::step, ::step].ravel() for band in bands])  # (3, n)
-    if nodata is not None:
-        samples = samples[:, ~np.all(samples == nodata, axis=0)]
-    if samples.shape[1] == 0:
-        return [(0, 1)] * 3      # all no data: every tile is dropped anyway
+def palette_lut(ds):
+    """(256, 3) uint8 colours of a palette band's indices; entries it leaves out are black."""
+    lut = np.zeros((256, 3), np.uint8)
+    for index, colour in ds.colormap(1).items():
+        lut[index] = colour[:3]
+    return lut
+
+
+def stretch_limits(bands, nodata, scene, percentiles):
+    """Per band (low, high) at the given percentiles of the scene's valid pixels, read from
+    its reduced read and subsampled to about STRETCH_SAMPLE_PX. A band whose low and high
+    coincide cannot be stretched (it would come out black): an error naming its file."""
+    valid = ~nodata
+    step = max(1, math.ceil(valid.sum() / STRETCH_SAMPLE_PX))
     limits = []
-    for band, path, sample in zip(bands, paths, samples):
+    for band, (path, number) in zip(bands, scene.reads):
+        sample = band[valid][::step]
+        if sample.size == 0:
+            return [(0, 1)] * 3      # all no data: every tile is dropped anyway
         low, high = np.percentile(sample, percentiles)
         if high <= low:
-            raise flat_band(path, band, bands, nodata, low, percentiles)
+            where = path if len(scene.paths) == 3 else f"{path} band {number}"
+            raise flat_band(where, sample, low, percentiles)
         limits.append((low, high))
     return limits
 
 
-def flat_band(path, band, bands, nodata, value, percentiles):
+def flat_band(where, sample, value, percentiles):
     """The error for a band that cannot be stretched: constant, or nearly so."""
-    if nodata is not None:      # judged on every pixel with data, not only on the subsample
-        band = band[~np.logical_and.reduce([b == nodata for b in bands])]
-    if band.min() == band.max():
-        return PrepareError(f"{path}: every pixel with data holds the same value ({value:g}), "
+    if sample.min() == sample.max():
+        return PrepareError(f"{where}: every pixel with data holds the same value ({value:g}), "
                             f"so the band cannot be stretched to 0..255; check that this is the "
-                            f"right band file, or leave this scene out")
+                            f"right band, or leave this scene out")
     low, high = percentiles
-    return PrepareError(f"{path}: its {low:g} and {high:g} percentiles are both {value:g} (most "
+    return PrepareError(f"{where}: its {low:g} and {high:g} percentiles are both {value:g} (most "
                         f"pixels hold this one value), so the band cannot be stretched between "
                         f"them; widen --percentiles (e.g. --percentiles 0 100)")
-
-
-def open_pixels(scene, args):
-    nodata = scene_nodata(scene, args)
-    if len(scene.paths) == 3:
-        bands = [np.asarray(load_image(path)) for path in scene.paths]
-        return BandPixels(bands, scene.paths, nodata, args.percentiles)
-    return ImagePixels(load_image(scene.paths[0]), nodata)
-
-
-def scene_nodata(scene, args):
-    """--nodata; by default 0 for band files and single images, whose borders outside the
-    imaged area hold 0, and none for the files of a folder: tiles, whose black pixels are
-    shadow or water (a stretched 8-bit tile has them)."""
-    if args.nodata != AUTO:
-        return args.nodata
-    return None if scene.from_folder else 0
 
 
 # ---------------------------------------------------------------- finding scenes
@@ -286,32 +434,72 @@ def band_scene_name(paths):
     return prefix[:cut] if cut > 0 else paths[0].stem
 
 
-def check_image_mode(path, mode, args, in_folder=False):
-    """An image mode prepare.py cannot tile is a PrepareError naming the file. (16-bit band
-    files named as SOURCEs never get here: collect_scenes groups them first.)"""
-    if mode in BAND_MODES:
-        raise PrepareError(f"{path}: a single-band {mode} image inside a tile folder; name band "
-                           f"files as SOURCE arguments instead, three per scene (red green blue)")
-    if mode in GRAY_MODES and args.grayscale == "error":
-        bands = "" if in_folder else (" (8-bit single-band files are not combined into a "
-                                      "scene's red, green and blue: 16-bit ones are)")
-        raise PrepareError(f"{path}: grayscale image; add --grayscale convert to copy its gray "
-                           f"into all three channels, or remove it{bands}")
-    if CONVERTED.get(mode, mode) not in KEPT_MODES:
-        raise PrepareError(f"{path}: unsupported pixel mode {mode!r}; save it as 8-bit RGB, or "
-                           f"as 16-bit single-band files")
+def file_reads(path, header, args, in_folder=False):
+    """((path, band) x 3): where a file's red, green and blue come from, or PrepareError
+    saying why the file cannot give them. (Band files named as SOURCEs never get here:
+    collect_scenes groups them first.)"""
+    if header.palette:
+        return ((path, 1),) * 3
+    colour = header.colour_bands
+    if len(colour) == 1:
+        if header.dtype != "uint8":
+            raise PrepareError(f"{path}: a single-band {header.dtype} raster inside a tile "
+                               f"folder; name band files as SOURCE arguments instead, three per "
+                               f"scene (red green blue)")
+        if args.grayscale == "error":
+            bands = "" if in_folder else (" (8-bit single-band files are not combined into a "
+                                          "scene's red, green and blue: other types are)")
+            raise PrepareError(f"{path}: grayscale image; add --grayscale convert to copy its "
+                               f"gray into all three channels, or remove it{bands}")
+        return ((path, colour[0]),) * 3
+    wanted = args.bands or DEFAULT_BANDS
+    if max(wanted) > header.count:
+        option = "--bands" if args.bands else "the default --bands"
+        raise PrepareError(f"{path}: has {header.count} bands, but {option} "
+                           f"{','.join(map(str, wanted))} asks for band {max(wanted)}; choose its "
+                           f"red, green and blue with --bands R,G,B")
+    return tuple((path, band) for band in wanted)
+
+
+def band_note(path, header, reads):
+    """What a multi-band file's unused bands were taken to be, so a wrong guess shows; None
+    when every band is used."""
+    used = [band for _, band in reads]
+    unused = [b for b in range(1, header.count + 1) if b not in used]
+    if header.palette or len(header.colour_bands) == 1 or not unused:
+        return None
+
+    def named(band):
+        interp = header.interp[band - 1]
+        return f"{band} ({interp}{', often near-infrared' if interp == 'undefined' else ''})"
+    ignored = [named(b) for b in unused if header.interp[b - 1] != "alpha"]
+    alpha = [str(b) for b in unused if header.interp[b - 1] == "alpha"]
+    parts = [f"red, green, blue from bands {', '.join(map(named, used))}"]
+    if ignored:
+        parts.append(f"band(s) {', '.join(ignored)} ignored")
+    if alpha:
+        parts.append(f"band {', '.join(alpha)} (alpha) marks no data")
+    return f"{path}: {header.count} bands; " + "; ".join(parts) + " (--bands picks others)"
+
+
+def file_scene(path, header, args, name, source, holdout=None, in_folder=False):
+    reads = file_reads(path, header, args, in_folder)
+    dtype = "uint8" if header.palette else header.dtype
+    return Scene(name, source, [path], header.size, reads, dtype, header.palette, holdout)
 
 
 def band_scene(bands, taken):
-    (red, size), *others = bands
-    for path, other_size in others:
-        if other_size != size:
+    (red, header), *others = bands
+    for path, other in others:
+        if other.size != header.size:
             raise PrepareError(
-                f"{path}: {other_size[0]} x {other_size[1]} pixels, but the red band {red} is "
-                f"{size[0]} x {size[1]}; the three bands of a scene must have the same size")
+                f"{path}: {other.size[0]} x {other.size[1]} pixels, but the red band {red} is "
+                f"{header.size[0]} x {header.size[1]}; the three bands of a scene must have the "
+                f"same size")
     paths = [path for path, _ in bands]
     return Scene(unique_name(band_scene_name(paths), taken), "+".join(p.name for p in paths),
-                 paths, size)
+                 paths, header.size, tuple((path, h.colour_bands[0]) for path, h in bands),
+                 header.dtype)
 
 
 def check_band_groups_complete(bands, before=None):
@@ -323,16 +511,18 @@ def check_band_groups_complete(bands, before=None):
 
 
 def is_prepare_manifest(path):
-    """Whether `path` is a manifest.csv written by prepare.py (judged by its header)."""
+    """Whether `path` is a manifest.csv written by prepare.py (judged by its header; older
+    runs wrote only the first five columns)."""
     try:
         with open(path, newline="", errors="replace") as f:
-            return next(csv.reader(f), None) == list(MANIFEST_COLUMNS)
+            header = next(csv.reader(f), None)
     except OSError:
         return False
+    return header is not None and header[:5] == list(MANIFEST_COLUMNS[:5])
 
 
 def image_files(folder):
-    """Image files below `folder`, sorted, found as the training loader finds them
+    """Raster files below `folder`, sorted, found as the training loader finds them
     (data.walk: hidden files and folders left out, symlinked folders followed). The
     output of an earlier run below it is refused: its tiles would be tiled again (a
     folder that is itself such an output, named on purpose, is fine); so is a run
@@ -349,48 +539,42 @@ def image_files(folder):
                                f"again; move it out of {folder}, or name as SOURCEs only the "
                                f"folders to tile")
         files += [root / n for n in names
-                  if n.lower().endswith(data.IMAGE_EXTENSIONS) and (root / n).is_file()]
+                  if n.lower().endswith(FOLDER_EXTENSIONS) and (root / n).is_file()]
     return sorted(files)
 
 
 def folder_scenes(folder, args, taken):
-    """Each image file below `folder` is a scene of its own; the holdout takes whole files."""
+    """Each raster file below `folder` is a scene of its own; the holdout takes whole files."""
     files = image_files(folder)
     if not files:
-        raise PrepareError(f"{folder}: no image files (PNG, JPEG, TIFF, BMP, WebP, GIF) found "
-                           f"(searched recursively); check the folder")
+        raise PrepareError(f"{folder}: no image files (GeoTIFF, JPEG2000, PNG, JPEG, BMP, WebP, "
+                           f"GIF) found (searched recursively); check the folder")
     log(f"folder {folder}: {len(files):,} image files")
     n_held = math.floor(args.holdout * len(files) + 0.5)  # half up: 5 files at 0.1 hold one
     held = set(random.Random(args.seed).sample(range(len(files)), n_held))
-    scenes, problems = [], []
+    scenes, problems, notes = [], [], []
     for i, path in enumerate(files):
-        try:
-            size = checked_folder_file(path, args)
-        except PrepareError as e:  # every bad file of the folder is named in one error
-            problems.append(str(e))
-            continue
         relative = path.relative_to(folder)
         name = unique_name("_".join(relative.with_suffix("").parts), taken)
         source = f"{folder.resolve().name}/{relative.as_posix()}"
-        scenes.append(Scene(name, source, [path], size, holdout=i in held))
+        try:
+            header = read_header(path)
+            scenes.append(file_scene(path, header, args, name, source, i in held, True))
+        except PrepareError as e:  # every bad file of the folder is named in one error
+            problems.append(str(e))
+            continue
+        if not args.bands:
+            notes.append(band_note(path, header, scenes[-1].reads))
     if len(problems) == 1:
         raise PrepareError(problems[0])
     if problems:
         raise PrepareError(f"{folder}: {len(problems)} of its {len(files):,} image files cannot "
                            f"be used; fix or remove them:\n" + data.listing(problems))
+    notes = [note for note in notes if note]
+    if notes:
+        more = f" (and {len(notes) - 1:,} more files with unused bands)" if len(notes) > 1 else ""
+        log(f"  note: {notes[0]}{more}")
     return scenes
-
-
-def checked_folder_file(path, args):
-    """(width, height) of a file found in a tile folder, or PrepareError saying what is wrong."""
-    mode, size = read_header(path)
-    check_image_mode(path, mode, args, in_folder=True)
-    # Files found in a folder keep PIL's decompression-bomb limit: a tile folder from a
-    # downloader is untrusted, and a huge file there is more likely a mistake than a tile.
-    if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-        raise PrepareError(f"{path}: {size[0]} x {size[1]} pixels is too big for a file in "
-                           f"a tile folder; name it as a SOURCE of its own to tile it")
-    return size
 
 
 def collect_scenes(sources, args):
@@ -404,29 +588,36 @@ def collect_scenes(sources, args):
             continue
         if not path.is_file():
             raise PrepareError(f"{path}: no such file or folder; check the path")
-        mode, size = read_header(path)
-        if mode in BAND_MODES:
-            bands.append((path, size))
+        header = read_header(path)
+        if header.is_band:
+            bands.append((path, header))
             if len(bands) == 3:
                 scenes.append(band_scene(bands, taken))
                 bands = []
             continue
         check_band_groups_complete(bands, before=path)
-        check_image_mode(path, mode, args)
-        scenes.append(Scene(unique_name(path.stem, taken), path.name, [path], size))
+        scenes.append(file_scene(path, header, args, unique_name(path.stem, taken), path.name))
+        note = None if args.bands else band_note(path, header, scenes[-1].reads)
+        if note:
+            log(f"note: {note}")
     check_band_groups_complete(bands)
     check_nodata_reachable(scenes, args)
     return scenes
 
 
 def check_nodata_reachable(scenes, args):
-    """A --nodata above 255 can only match the values of 16-bit band files."""
-    if args.nodata in (AUTO, None) or args.nodata <= 255:
+    """A --nodata that no pixel of a scene's type can hold (300 in 8-bit, -1 in unsigned,
+    0.5 in integer data) would silently drop nothing."""
+    if args.nodata in (AUTO, None):
         return
     for scene in scenes:
-        if len(scene.paths) == 1:
-            raise PrepareError(f"--nodata {args.nodata} can never match the 8-bit pixels of "
-                               f"{scene.paths[0]} (0..255); give a value in 0..255, or none")
+        if np.dtype(scene.dtype).kind not in "iu":
+            continue
+        limits = np.iinfo(scene.dtype)
+        if not (limits.min <= args.nodata <= limits.max and args.nodata == int(args.nodata)):
+            raise PrepareError(f"--nodata {args.nodata:g} can never match the {scene.dtype} "
+                               f"pixels of {scene.paths[0]} ({limits.min}..{limits.max}); give "
+                               f"a whole number in that range, or none")
 
 
 # ---------------------------------------------------------------- tiling
@@ -446,15 +637,15 @@ def downsample(tile, size):
 
 
 def nodata_cells(pixels, width, height, cell):
-    """(height // cell, width // cell) bools, True where a cell holds a no-data pixel. Tile
-    corners and sizes are whole cells, so checking a tile is a lookup instead of a re-read."""
+    """(height // cell, width // cell) counts of no-data pixels per cell. Tile corners and
+    sizes are whole cells, so checking a tile is a sum instead of a re-read."""
     rows, cols = height // cell, width // cell
-    cells = np.zeros((rows, cols), bool)
+    cells = np.zeros((rows, cols), np.int64)
     rows_per_read = max(1, 64 // cell)   # strips of about 64 pixel rows bound the memory
     for r0 in range(0, rows, rows_per_read):
         r1 = min(rows, r0 + rows_per_read)
         nodata = pixels.nodata_rows(r0 * cell, r1 * cell)[:, :cols * cell]
-        cells[r0:r1] = nodata.reshape(r1 - r0, cell, cols, cell).any(axis=(1, 3))
+        cells[r0:r1] = nodata.reshape(r1 - r0, cell, cols, cell).sum(axis=(1, 3))
     return cells
 
 
@@ -481,15 +672,16 @@ def pick_holdout_blocks(tiles_per_block, fraction, rng):
 
 
 def plan_tiles(scene, cells, cell, args, counts):
-    """{(x, y): split} for the scene's usable tiles: no no-data pixel, and (when blocks
-    split the scene) wholly inside one holdout block."""
+    """{(x, y): split} for the scene's usable tiles: no more no-data pixels than --max-nodata
+    allows, and (when blocks split the scene) wholly inside one holdout block."""
     width, height = scene.size
     src, stride = args.source_tile, args.stride
+    allowed = math.floor(args.max_nodata * src * src)
     by_blocks = not scene.from_folder and args.holdout > 0
     blocks = {}
     for y in range(0, height - src + 1, stride):
         for x in range(0, width - src + 1, stride):
-            if cells[y // cell:(y + src) // cell, x // cell:(x + src) // cell].any():
+            if cells[y // cell:(y + src) // cell, x // cell:(x + src) // cell].sum() > allowed:
                 counts.no_data += 1
                 continue
             block = block_of(x, y, src, args.block) if by_blocks else None
@@ -515,25 +707,28 @@ def tile_scene(scene, args, out, manifest, counts, progress):
         counts.too_small += 1
         counts.first_too_small = counts.first_too_small or (scene.source, scene.size)
         return
-    pixels = open_pixels(scene, args)
-    cell = math.gcd(args.stride, src)
-    plan = plan_tiles(scene, nodata_cells(pixels, width, height, cell), cell, args, counts)
-    xs_by_row = defaultdict(list)
-    for x, y in sorted(plan):
-        xs_by_row[y].append(x)
-    for y, xs in sorted(xs_by_row.items()):
-        strip = pixels.rgb_rows(y, y + src)  # (src, W, 3) uint8
-        for x in xs:
-            tile = downsample(strip[:, x:x + src], args.tile)
-            if args.min_std and tile.std() < args.min_std:
-                counts.uniform += 1
-                continue
-            split = plan[(x, y)]
-            file = f"{split}/{scene.name}_x{x:05d}_y{y:05d}.png"
-            Image.fromarray(tile).save(out / file, optimize=True)
-            manifest.writerow([file, scene.source, x, y, split])
-            counts.kept[split] += 1
-            progress(counts)
+    with ScenePixels(scene, args) as pixels:
+        counts.rules[str(pixels.rule)] += 1
+        if not scene.from_folder:
+            log(f"  no data: {pixels.rule}")
+        cell = math.gcd(args.stride, src)
+        plan = plan_tiles(scene, nodata_cells(pixels, width, height, cell), cell, args, counts)
+        xs_by_row = defaultdict(list)
+        for x, y in sorted(plan):
+            xs_by_row[y].append(x)
+        for y, xs in sorted(xs_by_row.items()):
+            strip = pixels.rgb_rows(y, y + src)  # (src, W, 3) uint8
+            for x, place in zip(xs, pixels.places(xs, y, src)):
+                tile = downsample(strip[:, x:x + src], args.tile)
+                if args.min_std and tile.std() < args.min_std:
+                    counts.uniform += 1
+                    continue
+                split = plan[(x, y)]
+                file = f"{split}/{scene.name}_x{x:05d}_y{y:05d}.png"
+                Image.fromarray(tile).save(out / file, optimize=True)
+                manifest.writerow([file, scene.source, x, y, split, *place])
+                counts.kept[split] += 1
+                progress(counts)
 
 
 def make_progress():
@@ -651,10 +846,9 @@ def check_kept(counts, scenes, args):
     if counts.no_data:
         only_reason = not (counts.uniform or counts.block_edge)
         every = "every tile" if only_reason else f"{counts.no_data:,} tiles"
-        marks = {None: "alpha 0", AUTO: "all bands 0 in band files and single images, or alpha 0"
-                 }.get(args.nodata, f"all bands equal to --nodata {args.nodata}, or alpha 0")
-        reasons.append(f"{every} had no-data pixels ({marks}): check that the imagery holds "
-                       f"data, or set --nodata to its no-data value ('none' turns it off)")
+        reasons.append(f"{every} had no-data pixels ({'; '.join(counts.rules)}): check that "
+                       f"the imagery holds data, or set --nodata to its no-data value ('none' "
+                       f"turns it off) or raise --max-nodata")
     if counts.uniform:
         reasons.append(f"{counts.uniform:,} tiles were near-uniform: lower --min-std "
                        f"{args.min_std:g}")
@@ -672,6 +866,7 @@ def summary(counts, args):
              f"  kept     {counts.kept['train']:,} train, {counts.kept['holdout']:,} holdout",
              f"  dropped  {counts.no_data:,} with no-data pixels, {counts.uniform:,} near-uniform "
              f"(--min-std), {counts.block_edge:,} crossing a holdout block edge"]
+    lines += [f"  no data  {rule}: {n:,} scene(s)/file(s)" for rule, n in counts.rules.items()]
     if counts.too_small:
         lines.append(f"  skipped  {counts.too_small:,} scene(s)/file(s) smaller than --source-tile")
     if counts.no_data and counts.no_data * 4 >= kept + counts.no_data and args.nodata is not None:
@@ -691,12 +886,24 @@ def parse_nodata(text):
     if text.lower() == AUTO:
         return AUTO
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'none'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0, which no pixel holds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (NaN is always "
+                                         f"no data)")
     return value
+
+
+def parse_bands(text):
+    try:
+        bands = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        bands = ()
+    if len(bands) != 3 or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three band numbers from 1, "
+                                         f"red,green,blue (e.g. 4,3,2)")
+    return bands
 
 
 def parse_args(argv=None):
@@ -704,7 +911,7 @@ def parse_args(argv=None):
         prog="prepare.py", description="Cut satellite imagery into RGB PNG tiles for training.",
         epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="8-bit image, single-band file (three per scene) or folder of tiles")
+                   help="raster file, single-band file (three per scene) or folder of tiles")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder, outside every SOURCE folder")
     p.add_argument("--tile", type=int, default=64, metavar="N",
@@ -720,16 +927,24 @@ def parse_args(argv=None):
                    help="holdout block size in source pixels (default: 8 x --source-tile)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for choosing holdout blocks and files (default 0)")
+    p.add_argument("--bands", type=parse_bands, metavar="R,G,B",
+                   help="red, green and blue of a multi-band file, GDAL's band numbers from 1 "
+                        "(default 1,2,3)")
     p.add_argument("--nodata", type=parse_nodata, default=AUTO, metavar="V",
-                   help="a pixel is no data when all its bands hold V; 'none' turns this off "
-                        "(default auto: 0 for band files and single images, none for the "
-                        "files of a folder)")
+                   help="a pixel is no data when all its bands hold V; 'none': no value is "
+                        "(default auto: what the file declares, else the black collar of a "
+                        "scene; nothing for the files of a folder)")
+    p.add_argument("--max-nodata", type=float, default=0.0, metavar="F",
+                   help="keep a tile with at most this fraction of no-data pixels (default 0)")
+    p.add_argument("--stretch", choices=(AUTO, "on", "off"), default=AUTO,
+                   help="stretch bands between --percentiles: auto (default) for all but "
+                        "8-bit data, on for all, off for none (values clipped to 0..255)")
     p.add_argument("--min-std", type=float, default=0.0, metavar="S",
                    help="drop near-uniform tiles: std of the 8-bit tile pixels below S "
                         "(default 0: off)")
     p.add_argument("--percentiles", type=float, nargs=2, default=(2.0, 98.0),
                    metavar=("LOW", "HIGH"),
-                   help="stretch of single-band files: these percentiles -> 0 and 255 "
+                   help="stretch of bands: these percentiles -> 0 and 255 "
                         "(default 2 98)")
     p.add_argument("--grayscale", choices=("error", "convert"), default="error",
                    help="grayscale images: refuse them (default) or copy gray to R, G and B")
@@ -757,6 +972,8 @@ def parse_args(argv=None):
         p.error(f"--block {args.block} must be at least --source-tile {args.source_tile}")
     if not 0 <= args.percentiles[0] < args.percentiles[1] <= 100:
         p.error("--percentiles LOW HIGH must satisfy 0 <= LOW < HIGH <= 100")
+    if not 0 <= args.max_nodata < 1:
+        p.error(f"--max-nodata {args.max_nodata} must be a fraction with 0 <= F < 1")
     if not 0 <= args.min_std < math.inf:      # also refuses nan
         p.error(f"--min-std {args.min_std} must be a finite number, 0 or more")
     return args

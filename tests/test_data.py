@@ -371,3 +371,24 @@ def test_sample_grids_have_no_ragged_row_when_a_divisor_allows(n, shape):
     assert grid.shape == (rows * 3 - 1, cols * 3 - 1, 3)
     assert grid[0, 3 * (cols - 1)].tolist() == [cols - 1] * 3  # row-major: tile cols-1 ends row 0
     assert grid[3, 0].tolist() == [cols] * 3
+
+
+def test_a_folder_of_scene_rasters_is_sent_to_prepare_py(tmp_path):
+    """Downloaded data sets are often multi-band or non-8-bit GeoTIFFs: PIL would take a
+    near-infrared band for transparency. The loader names each file and says what to do."""
+    import rasterio
+    folder = tmp_path / "download"
+    folder.mkdir()
+    save(str(folder), "ok.png", rgb())
+    rasters = {"rgbn.tif": np.zeros((4, 64, 64), np.uint8),
+               "reflectance.tif": np.zeros((3, 64, 64), np.float32)}
+    for name, bands in rasters.items():
+        with rasterio.open(folder / name, "w", driver="GTiff", count=len(bands), width=64,
+                           height=64, dtype=bands.dtype.name, photometric="RGB") as ds:
+            ds.write(bands)
+    with pytest.raises(data.DataError) as err:
+        data.load_tiles(str(folder))
+    message = str(err.value)
+    assert "2 of 3 files" in message and "prepare.py" in message
+    assert "rgbn.tif: is a 4-band uint8 raster" in message
+    assert "reflectance.tif: is a 3-band float32 raster" in message

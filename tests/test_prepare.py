@@ -1,5 +1,6 @@
 """prepare.py on small synthetic scenes: tiling, stretch, no-data, area averaging, holdout
-separation and bad inputs. Everything is written under tmp_path; the whole file runs in seconds."""
+separation and bad inputs. Rasters of the kinds the field delivers are written with rasterio
+itself. Everything is written under tmp_path; the whole file runs in seconds."""
 import csv
 import random
 import subprocess
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from PIL import Image
+from rasterio.transform import from_origin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,10 +40,26 @@ def noise(height, width, seed=0):
     return np.random.default_rng(seed).integers(30, 226, (height, width, 3), dtype=np.uint8)
 
 
-def save_band(path, band):
-    Image.fromarray(band.astype(np.uint16)).save(path)
-    assert Image.open(path).mode == "I;16"   # what PIL makes of a Landsat band too
+UTM_21S = "EPSG:32721"
+ORIGIN = from_origin(500_000, 7_000_000, 30, 30)   # 30 m pixels, like Landsat
+
+
+def write_raster(path, bands, georeferenced=True, **profile):
+    """A raster file of (C, H, W) `bands` as GDAL writes it (a GeoTIFF unless `driver=`)."""
+    bands = np.asarray(bands)
+    count, height, width = bands.shape
+    options = {"driver": "GTiff", "count": count, "height": height, "width": width,
+               "dtype": bands.dtype.name, **profile}
+    if georeferenced:
+        options.update(crs=UTM_21S, transform=ORIGIN)
+    with rasterio.open(path, "w", **options) as ds:
+        ds.write(bands)
     return path
+
+
+def save_band(path, band, **profile):
+    """A single-band 16-bit file, as USGS writes Landsat bands (no nodata declared)."""
+    return write_raster(path, band[None].astype(np.uint16), **profile)
 
 
 def tile_pixels(out, row):
@@ -49,13 +68,14 @@ def tile_pixels(out, row):
 
 # ---------------------------------------------------------------- scenes
 
-def test_scene_above_pil_pixel_limit_is_tiled_in_bounded_memory(tmp_path, monkeypatch):
+def test_big_scene_is_read_in_windows_in_bounded_memory(tmp_path, monkeypatch):
     scene = noise(512, 768)
+    scene[:, :40] = 0               # a black collar on the left: tiles at x=0 are dropped
+    scene[300, 400] = 0             # a black pixel inside the imagery: its tile is kept
     Image.fromarray(scene).save(tmp_path / "big.png")
-    # Lower PIL's decompression-bomb limit so this modest scene counts as far above it.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
-    with pytest.raises(Image.DecompressionBombError):
-        Image.open(tmp_path / "big.png")
+    # A small overview budget makes this modest scene as big as a 24000 x 12000 mosaic is
+    # for the real one: collar and stretch are decided on a reduced read.
+    monkeypatch.setattr(prepare, "OVERVIEW_PX", 10_000)
 
     tracemalloc.start()
     try:
@@ -65,14 +85,14 @@ def test_scene_above_pil_pixel_limit_is_tiled_in_bounded_memory(tmp_path, monkey
         tracemalloc.stop()
 
     assert code == 0
-    assert peak_bytes < 3 * scene.nbytes
-    assert Image.MAX_IMAGE_PIXELS == 100_000    # lifted only while opening the scene
+    assert peak_bytes < scene.nbytes
     rows = manifest(tmp_path / "out")
-    assert len(rows) == (512 // 64) * (768 // 64)
-    row = rows[13]
-    x, y = int(row["x"]), int(row["y"])
+    assert len(rows) == (512 // 64) * (768 // 64 - 1)
+    assert all(int(r["x"]) >= 64 for r in rows)
+    row = next(r for r in rows if (r["x"], r["y"]) == ("384", "256"))   # holds the black pixel
     assert row["source"] == "big.png" and row["split"] == "train"
-    assert np.array_equal(tile_pixels(tmp_path / "out", row), scene[y:y + 64, x:x + 64])
+    assert np.array_equal(tile_pixels(tmp_path / "out", row), scene[256:320, 384:448])
+    assert row["crs"] == row["lon"] == ""                               # a PNG: no georeference
 
 
 def test_band_files_drop_nodata_collar_and_stretch_by_percentiles(tmp_path, capsys):
@@ -319,18 +339,17 @@ def test_every_bad_file_of_a_folder_is_named_in_one_error(inputs, capsys):
     assert run(folder, "--out", inputs / "out") == 2
     message = capsys.readouterr().err
     assert "2 of its 3 image files cannot be used" in message
-    assert "gray.png: grayscale image" in message and "junk.png: not a PNG" in message
+    assert "gray.png: grayscale image" in message and "junk.png: GDAL cannot read" in message
     assert "single-band files" not in message  # a folder's files are never bands
     assert not (inputs / "out").exists()
 
 
-def test_nodata_above_255_for_8_bit_images_is_refused(inputs, capsys):
-    assert run(inputs / "good.png", "--nodata", 300, "--out", inputs / "out") == 2
-    assert "--nodata 300 can never match the 8-bit pixels of" in capsys.readouterr().err
+@pytest.mark.parametrize("value", ["300", "-1", "0.5"])
+def test_nodata_no_8_bit_pixel_can_hold_is_refused(inputs, capsys, value):
+    assert run(inputs / "good.png", "--nodata", value, "--out", inputs / "out") == 2
+    message = capsys.readouterr().err
+    assert f"--nodata {value}" in message and "good.png" in message and "uint8" in message
     assert not (inputs / "out").exists()
-    with pytest.raises(SystemExit) as exit_info:
-        prepare.parse_args([str(inputs / "good.png"), "--out", "x", "--nodata", "-1"])
-    assert exit_info.value.code == 2 and "below 0" in capsys.readouterr().err
 
 
 def test_grayscale_convert_copies_gray_to_rgb(inputs):
@@ -460,28 +479,6 @@ def test_folder_sources_are_found_as_the_training_loader_finds_them(tmp_path):
     assert sorted(Path(r["source"]).name for r in manifest(tmp_path / "out")) == ["a.png", "b.png"]
 
 
-def write_png_rgb16(path, value, side=64):
-    """A 16-bit-per-channel RGB PNG (Pillow cannot write one), every pixel `value`."""
-    import struct
-    import zlib
-    rows = b"".join(b"\x00" + np.full((side, 3), value, ">u2").tobytes() for _ in range(side))
-
-    def chunk(kind, payload):
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 2,
-                                                                        0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-
-
-def test_16_bit_colour_image_is_refused_not_read_dark(tmp_path):
-    write_png_rgb16(tmp_path / "reflectance.png", 4000)
-    proc = run_script(tmp_path / "reflectance.png", "--out", tmp_path / "out", "--tile", "16")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "reflectance.png" in proc.stderr and "16-bit colour" in proc.stderr
-    assert not (tmp_path / "out").exists()
-
-
 # ---------------------------------------------------------------- folders of 8-bit tiles
 
 def test_black_pixels_in_folder_tiles_are_imagery_but_a_scene_border_is_no_data(tmp_path, capsys):
@@ -505,9 +502,11 @@ def test_black_pixels_in_folder_tiles_are_imagery_but_a_scene_border_is_no_data(
 
 def test_many_tiles_dropped_for_no_data_suggests_nodata_none(tmp_path, capsys):
     scene = noise(64, 256)
-    scene[5, 70::64] = 0  # a black pixel in three of the four tiles
+    scene[:, 0] = 0                     # a black collar column ...
+    scene[5, :150] = 0                  # ... and a black line joined to it: three tiles
     save_scene(tmp_path, "scene.png", scene)
     assert run(tmp_path / "scene.png", "--holdout", 0, "--out", tmp_path / "out") == 0
+    assert len(manifest(tmp_path / "out")) == 1
     assert "run again with --nodata none" in capsys.readouterr().out
 
 
@@ -547,3 +546,150 @@ def test_tilde_in_sources_and_out_is_the_home_folder(tiles, tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))
     assert run("~/tiles", "--holdout", 0, "--out", "~/mytiles") == 0
     assert len(manifest(tmp_path / "mytiles")) == 3
+
+
+# ---------------------------------------------------------------- imagery as the field delivers it
+
+def test_4_band_aerial_geotiff_takes_bands_1_2_3_and_ignores_the_infrared(tmp_path, capsys):
+    rgb = noise(128, 192).transpose(2, 0, 1)
+    nir = np.full((128, 192), 90, np.uint8)
+    nir[:, 64:] = 0                         # water or shadow: no infrared; no no-data either
+    # As surveys write it: RGB photometry, the fourth band an unspecified extra sample
+    # (GDAL's own default for four 8-bit bands would declare it alpha).
+    path = write_raster(tmp_path / "rgbn.tif", np.concatenate([rgb, nir[None]]),
+                        compress="lzw", photometric="RGB")
+
+    assert run(path, "--holdout", 0, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert len(rows) == 2 * 3                              # every tile kept
+    assert "4 (undefined" in capsys.readouterr().err       # the note names the ignored band
+    row = next(r for r in rows if (r["x"], r["y"]) == ("128", "64"))
+    assert np.array_equal(tile_pixels(tmp_path / "out", row),
+                          rgb[:, 64:128, 128:192].transpose(1, 2, 0))
+    # Georeferenced: the tile's bounds in the file's CRS, its centre in lon/lat.
+    assert row["crs"] == UTM_21S
+    assert [float(row[k]) for k in ("left", "bottom", "right", "top")] == [
+        500_000 + 128 * 30, 7_000_000 - 128 * 30, 500_000 + 192 * 30, 7_000_000 - 64 * 30]
+    assert abs(float(row["lon"]) - -57.0) < 0.1 and abs(float(row["lat"]) - -27.1) < 0.1
+
+    assert run(path, "--bands", "4,3,2", "--holdout", 0, "--out", tmp_path / "nir") == 0
+    tile = tile_pixels(tmp_path / "nir", manifest(tmp_path / "nir")[0])
+    assert (tile[..., 0] == 90).all() and np.array_equal(tile[..., 1], rgb[2, :64, :64])
+
+
+def test_fewer_bands_than_asked_names_the_file_and_its_band_count(tmp_path, capsys):
+    path = write_raster(tmp_path / "rgbn.tif", noise(64, 64, seed=1).transpose(2, 0, 1))
+    assert run(path, "--bands", "1,2,5", "--out", tmp_path / "out") == 2
+    message = capsys.readouterr().err
+    assert "error:" in message and "rgbn.tif" in message and "3 bands" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_3_band_uint16_with_declared_nodata_is_stretched_and_its_nodata_dropped(tmp_path,
+                                                                                capsys):
+    rng = np.random.default_rng(7)
+    bands = rng.integers(1000, 5000, (3, 128, 128)).astype(np.uint16)
+    bands[:, 70, 70] = 65535                # the declared nodata, inside: its tile is dropped
+    bands[:, 0, 0] = 0                      # black, but not declared: imagery
+    path = write_raster(tmp_path / "dn16.tif", bands, nodata=65535)
+
+    assert run(path, "--holdout", 0, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert sorted((int(r["x"]), int(r["y"])) for r in rows) == [(0, 0), (0, 64), (64, 0)]
+    assert "nodata value 65535 declared" in capsys.readouterr().out
+    valid = bands[0][bands[0] != 65535]
+    low, high = np.percentile(valid, [2, 98])
+    tile = tile_pixels(tmp_path / "out", next(r for r in rows if r["x"] == r["y"] == "0"))
+    expected = np.clip((bands[0, :64, :64].astype(float) - low) * 255 / (high - low), 0, 255)
+    assert np.abs(tile[..., 0] - expected).max() <= 1
+
+
+def test_float32_reflectance_with_nan_collar_is_stretched(tmp_path):
+    rng = np.random.default_rng(8)
+    bands = rng.uniform(0.02, 0.4, (3, 128, 192)).astype(np.float32)
+    bands[:, :, :20] = np.nan               # outside the swath
+    path = write_raster(tmp_path / "sr.tif", bands, compress="deflate", predictor=3)
+
+    assert run(path, "--holdout", 0, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert sorted({int(r["x"]) for r in rows}) == [64, 128]
+    tiles = np.stack([tile_pixels(tmp_path / "out", r) for r in rows])
+    assert tiles.min() == 0 and tiles.max() == 255        # stretched, not clipped to black
+
+
+def test_jpeg_cog_mosaic_keeps_its_black_shadows(tmp_path, capsys):
+    """An 8-bit aerial mosaic declares no no-data and has no collar: its pure black
+    shadows are imagery, so every tile stays."""
+    rgb = noise(256, 256, seed=9)
+    for y, x in ((16, 16), (80, 144), (136, 72), (200, 200)):
+        rgb[y:y + 16, x:x + 16] = 0         # a shadow in four of the tiles
+    path = write_raster(tmp_path / "mosaic.tif", rgb.transpose(2, 0, 1), driver="COG",
+                        compress="jpeg", quality=95, georeferenced=False)
+
+    assert run(path, "--holdout", 0, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert len(rows) == 16 and "0 with no-data" in capsys.readouterr().out
+    tile = tile_pixels(tmp_path / "out", next(r for r in rows if r["x"] == r["y"] == "0"))
+    with rasterio.open(path) as ds:         # the pixels as GDAL decodes them
+        decoded = ds.read(window=((0, 64), (0, 64))).transpose(1, 2, 0)
+    assert np.array_equal(tile, decoded) and tile[20:28, 20:28].max() <= 8
+
+
+@pytest.mark.parametrize("driver", ["GTiff", "JP2OpenJPEG"])
+def test_single_band_16_bit_files_form_a_scene(tmp_path, driver):
+    """Landsat GeoTIFF bands and Sentinel-2 JPEG2000 bands: red, green, blue in a row."""
+    rng = np.random.default_rng(10)
+    bands = rng.integers(6000, 9000, (3, 64, 128))
+    bands[:, :, :10] = 0                    # the undeclared collar: the left tile goes
+    profile = {"quality": 100, "reversible": True} if driver == "JP2OpenJPEG" else {}
+    suffix = "jp2" if driver == "JP2OpenJPEG" else "tif"
+    paths = [save_band(tmp_path / f"T21_B0{n}.{suffix}", band, driver=driver, **profile)
+             for n, band in zip((4, 3, 2), bands)]
+
+    assert run(*paths, "--holdout", 0, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert [(r["x"], r["source"]) for r in rows] == [
+        ("64", f"T21_B04.{suffix}+T21_B03.{suffix}+T21_B02.{suffix}")]
+    tile = tile_pixels(tmp_path / "out", rows[0])
+    low, high = np.percentile(bands[2][:, 10:], [2, 98])
+    expected = np.clip((bands[2, :, 64:] - low) * 255 / (high - low), 0, 255)
+    assert np.abs(tile[..., 2] - expected).max() <= 1
+
+
+def test_black_collar_is_no_data_but_black_inside_is_not():
+    black = np.zeros((6, 8), bool)
+    black[:, :2] = True                     # collar on the left
+    black[2, 2:5] = True                    # a bay of it reaching in
+    black[4, 5] = True                      # a shadow inside
+    collar = prepare.edge_connected(black)
+    assert collar[:, :2].all() and collar[2, 2:5].all()
+    assert not collar[4, 5] and collar.sum() == 12 + 3
+
+
+def test_max_nodata_keeps_tiles_up_to_that_share(tmp_path):
+    rgb = noise(64, 128).transpose(2, 0, 1)
+    path = write_raster(tmp_path / "a.tif", rgb, nodata=0)
+    with rasterio.open(path, "r+") as ds:
+        ds.write(np.zeros((3, 16, 64), np.uint8), window=((0, 16), (0, 64)))  # a quarter of
+    #                                                                          the left tile
+    assert run(path, "--holdout", 0, "--out", tmp_path / "drop") == 0
+    assert [r["x"] for r in manifest(tmp_path / "drop")] == ["64"]
+    assert run(path, "--holdout", 0, "--max-nodata", 0.25, "--out", tmp_path / "keep") == 0
+    assert [r["x"] for r in manifest(tmp_path / "keep")] == ["0", "64"]
+
+
+def test_stretch_can_be_forced_or_turned_off(tmp_path):
+    dim = np.random.default_rng(11).integers(20, 60, (3, 64, 64)).astype(np.uint8)
+    path = write_raster(tmp_path / "dim.tif", dim)
+    assert run(path, "--holdout", 0, "--stretch", "on", "--out", tmp_path / "on") == 0
+    tile = tile_pixels(tmp_path / "on", manifest(tmp_path / "on")[0])
+    assert tile.min() == 0 and tile.max() == 255
+    small = write_raster(tmp_path / "small16.tif", dim.astype(np.uint16))
+    assert run(small, "--holdout", 0, "--stretch", "off", "--out", tmp_path / "off") == 0
+    tile = tile_pixels(tmp_path / "off", manifest(tmp_path / "off")[0])
+    assert np.array_equal(tile, dim.transpose(1, 2, 0))
