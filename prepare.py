@@ -35,6 +35,7 @@ from rasterio.windows import Window
 
 import config as config_lib
 import data
+from cli import UserError, run_main
 
 # Plain PNG and JPEG tiles carry no georeference; that is expected, not worth a warning.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
@@ -102,7 +103,7 @@ examples:
 """
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A problem with the user's input: printed as one line naming the file, exit code 2."""
 
 
@@ -981,21 +982,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_out_apart(args.sources, args.out)
+    check_out(args.out, args.overwrite)
+    scenes = collect_scenes(args.sources, args)
     try:
-        check_out_apart(args.sources, args.out)
-        check_out(args.out, args.overwrite)
-        scenes = collect_scenes(args.sources, args)
         counts = prepare(scenes, args)
-    except PrepareError as error:
-        print(f"prepare.py: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:    # reading errors became PrepareError: this is the output side
-        print(f"prepare.py: error: cannot write to {args.out} ({error}); check the folder and "
-              f"the free disk space", file=sys.stderr)
-        return 2
+    except OSError as error:  # reading errors became PrepareError: this is the output side
+        raise PrepareError(f"cannot write to {args.out} ({error}); check the folder and "
+                           f"the free disk space") from None
     print(summary(counts, args))
     return 0
 
 
+def cli(argv=None):
+    return run_main(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -21,7 +21,7 @@ import prepare  # noqa: E402
 
 def run(*argv):
     """prepare.py in-process; returns its exit code."""
-    return prepare.main([str(a) for a in argv])
+    return prepare.cli([str(a) for a in argv])
 
 
 def run_script(*argv):
