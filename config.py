@@ -61,6 +61,9 @@ class TrainConfig:
     keep_checkpoints: int = 5      # newest checkpoints kept on disk
     eval_every: int = 0            # steps between SWD/MS-SSIM evaluations (0 = off); best kept
     eval_images: int = 512         # generated images per evaluation
+    g_average: float = 0.0         # decay of a moving average of G's weights that samples,
+                                   # evaluations and generate.py use (0 = off; e.g. 0.999);
+                                   # training itself never reads it
 
 
 @dataclass
@@ -93,7 +96,8 @@ CHOICES = {
 # history cache kept beside it: a resume must keep the run's values.
 ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
                      "model.gen_filters", "model.disc_filters", "model.extra_layers",
-                     "model.gen_leaky", "train.batch_size", "train.history_size")
+                     "model.gen_leaky", "train.batch_size", "train.history_size",
+                     "train.g_average")
 
 
 def _section(cfg, name, key):
@@ -180,7 +184,8 @@ def validate(cfg):
     for key in ("train.history_prob", "train.history_fraction", "model.bn_momentum"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within 0..1, got {get(cfg, key)}")
-    for key in ("train.beta1", "model.leaky_slope"):  # 1 would stall Adam / make ReLU linear
+    for key in ("train.beta1", "model.leaky_slope", "train.g_average"):  # 1: Adam stalls,
+        # ReLU turns linear, the average never moves
         if not 0.0 <= get(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}' must be at least 0 and below 1, "
                               f"got {get(cfg, key)}")

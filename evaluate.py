@@ -207,7 +207,8 @@ def generate_fakes(checkpoint, n, seed, threads=0):
             print(f"  {done}/{total} fakes", flush=True)
 
     try:
-        return gen.generate(gen.latents(n, seed), progress), gen.step, gen.cfg, gen.prefix
+        return gen.generate(gen.latents(n, seed), progress), gen.step, gen.cfg, gen.prefix, \
+            gen.weights
     finally:
         gen.close()
 
@@ -316,10 +317,10 @@ def main(argv=None):
     if args.checkpoint:
         t = time.time()
         print(f"generating {len(real)} fakes with {prefix} ...", flush=True)
-        fake, step, run_cfg, prefix = generate_fakes(args.checkpoint, len(real), args.seed,
-                                                         args.threads)
+        fake, step, run_cfg, prefix, weights = generate_fakes(args.checkpoint, len(real),
+                                                              args.seed, args.threads)
         timings["generate"] = time.time() - t
-        fake_desc = f"checkpoint {prefix} (step {step})"
+        fake_desc = f"checkpoint {prefix} (step {step}, the generator's {weights})"
         checkpoint_info = {"checkpoint": prefix, "checkpoint_step": step}
     m = min(len(real), len(fake))
     if m < MIN_IMAGES:

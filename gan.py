@@ -100,6 +100,9 @@ def build_graph(cfg):
     g["d_total_op"] = adam("adam_d_total", t.lr_disc,
                            g["d_real_loss"] + g["d_fake_loss"] + d_reg, d_vars, model.DISC_SCOPE)
     g["g_op"] = adam("adam_g", t.lr_gen, g["g_loss"] + g_reg, g_vars, model.GEN_SCOPE)
+    g["samples_u8_out"] = g["fakes_u8_out"]  # what sample grids and evaluations show
+    if t.g_average:
+        build_average(g, cfg, kw)
 
     g["global_step"] = tf1.get_variable("global_step", [], tf.int64,
                                         tf1.zeros_initializer(), trainable=False)
@@ -109,6 +112,62 @@ def build_graph(cfg):
     g["best_saver"] = tf1.train.Saver(max_to_keep=1)  # best-N: outside the retention of model-N
     return g
 
+
+CALIBRATION_BATCHES = 4  # batches of fixed latents that set the averaged G's batch-norm statistics
+
+
+def build_average(g, cfg, kw):
+    """An exponential moving average of G's weights (train.g_average; Karras et al. 2018,
+    Yazici et al. 2019): a second, untrained copy of G that samples and evaluations show.
+
+    g["g_average_op"] moves it towards G's weights after each step; its decay ramps up
+    from 0 (count / (count + 10), like tf.train.ExponentialMovingAverage's num_updates),
+    so the first update copies G. Batch-norm statistics are not averaged: G's moving
+    averages belong to G's weights, not to the averaged ones. Before the averaged copy
+    is shown or saved, g["refresh_average"](sess) runs it in training mode over
+    CALIBRATION_BATCHES batches of fixed latents and sets its statistics to their mean.
+    """
+    t, m = cfg.train, cfg.model
+    B = t.batch_size
+
+    def untrained(getter, *args, **kwargs):
+        kwargs["trainable"] = False  # no optimiser, regulariser or count sees the copy
+        return getter(*args, **kwargs)
+
+    momentum_in = tf1.placeholder_with_default(m.bn_momentum, [], "average_momentum_in")
+    with tf1.variable_scope(tf1.get_variable_scope(), custom_getter=untrained):
+        averaged = model.generator(g["z_in"], g["is_training_in"], scope=model.AVERAGE_SCOPE,
+                                   **{**kw, "bn_momentum": momentum_in})  # [B, S, S, C]
+        count = tf1.get_variable(model.AVERAGE_SCOPE + "/updates", [], tf.float32,
+                                 tf1.zeros_initializer())
+    copies = {v.op.name.split("/", 1)[1]: v for v in tf1.global_variables(model.AVERAGE_SCOPE + "/")}
+    pairs = [(copies[v.op.name.split("/", 1)[1]], v)
+             for v in tf1.trainable_variables(model.GEN_SCOPE + "/")]
+    decay = tf.minimum(t.g_average, count / (count + 10.0))
+    with tf.control_dependencies([a.assign(decay * a + (1.0 - decay) * w) for a, w in pairs]):
+        g["g_average_op"] = count.assign_add(1.0)
+    g["samples_u8_out"] = to_u8_op(averaged)
+
+    statistics = [u for u in tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+                  if u.name.startswith(model.AVERAGE_SCOPE + "/")]
+    latents = sample_latents(np.random.default_rng([t.seed, 0xCA1B]),
+                             (CALIBRATION_BATCHES, B, m.z_dim), m.z_dist)
+
+    def refresh_average(sess):
+        # momentum i / (i + 1): after the last batch, the mean of every batch's statistics
+        for i, z in enumerate(latents):
+            sess.run(statistics, {g["z_in"]: z, g["is_training_in"]: True,
+                                  momentum_in: i / (i + 1)})
+    g["refresh_average"] = refresh_average
+
+
+def refresh_samples(sess, g):
+    """Before samples are shown or saved: the averaged G's statistics brought up to date."""
+    if "refresh_average" in g:
+        g["refresh_average"](sess)
+
+
+# ---------------------------------------------------------------- one step
 
 def run_step(sess, g, cfg, batches, cache, step, force_path=None):
     """Step `step` (1-based): draw its batch, train on it, feed the history cache."""
@@ -157,6 +216,8 @@ def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None):
     g_feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z}
     sess.run(g["g_op"], g_feed)
     sess.run(g["g_op"], g_feed)
+    if "g_average_op" in g:  # the averaged copy follows; training never reads it
+        sess.run(g["g_average_op"])
 
     # Lesson 15: losses in a run of their own, after the optimisers.
     losses = sess.run({k: g[k] for k in LOSS_KEYS}, feed)

@@ -286,10 +286,11 @@ def export_saved_model(prefix, run_dir, cfg, export_dir, step):
     graph = tf.Graph()
     with graph.as_default():
         z_in = tf1.placeholder(tf.float32, [None, m.z_dim], "z_in")  # dynamic batch
-        images_out = sampling.inference_images(z_in, m)  # [None, S, S, 3] uint8
+        scope = sampling.weights_scope(cfg)
+        images_out = sampling.inference_images(z_in, m, scope)  # [None, S, S, 3] uint8
         signature = tf1.saved_model.predict_signature_def({"z": z_in}, {"images": images_out})
         with tf1.Session(graph=graph) as sess:
-            sampling.restore_generator(sess, graph, prefix, run_dir)
+            sampling.restore_generator(sess, graph, prefix, run_dir, scope)
             try:
                 builder = tf1.saved_model.Builder(export_dir)
                 builder.add_meta_graph_and_variables(
@@ -435,7 +436,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         make = {"samples": make_samples, "turing": make_quiz, "interpolate": make_interpolation}
         print(make[args.mode](gen, args))
-        print(f"checkpoint: {gen.prefix} (step {gen.step})")
+        print(f"checkpoint: {gen.prefix} (step {gen.step}), the generator's {gen.weights}")
     finally:
         gen.close()
     return 0

@@ -19,6 +19,7 @@ import tensorflow as tf
 tf1 = tf.compat.v1
 
 GEN_SCOPE = "generator"
+AVERAGE_SCOPE = "generator_average"  # the averaged copy of G's weights (train.g_average)
 DISC_SCOPE = "discriminator"
 
 
@@ -181,18 +182,19 @@ def _levels(image_size):
 
 def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
               kernel=5, extra_layers=1, gen_leaky=False, leaky_slope=0.2,
-              bn_momentum=0.9, **_):
+              bn_momentum=0.9, scope=GEN_SCOPE, **_):
     """z [N, z_dim] -> images [N, S, S, channels] in -1..+1.
 
     4x4 x gen_filters, then filters halve while resolution doubles (Lesson 20),
     then `extra_layers` stride-1 transposed convs at full resolution against
     checkerboard artefacts (Lesson 27), the last one to `channels` and tanh
     (Lesson 17). Batch norm everywhere except the output layer (Lesson 26).
+    `scope` names its variables: a second scope holds a second copy (the averaged weights).
     """
     levels = _levels(image_size)
     act = lambda x: _activation(x, gen_leaky, leaky_slope)
     bn = lambda x, name: batch_norm(x, is_training, bn_momentum, name)
-    with tf1.variable_scope(GEN_SCOPE, reuse=tf1.AUTO_REUSE):
+    with tf1.variable_scope(scope, reuse=tf1.AUTO_REUSE):
         x = dense(z_in, 4 * 4 * gen_filters, "project", bias=False)  # batch norm follows
         x = act(bn(tf.reshape(x, [-1, 4, 4, gen_filters]), "project_bn"))  # [N, 4, 4, F]
         for i in range(1, levels + 1):

@@ -598,10 +598,11 @@ class Run:
         return step, {k: v for k, v in state.items() if not k.startswith("history_")}
 
     def dump_samples(self, step):
-        """Grid from the fixed noise in inference mode (moving-average batch norm)."""
+        """Grid from the fixed noise in inference mode (moving-average batch norm), of the
+        averaged weights when train.g_average is on (gan.refresh_samples ran before)."""
         g = self.g
-        fakes = self.sess.run(g["fakes_u8_out"], {g["z_in"]: self.state["sample_z"],
-                                                  g["is_training_in"]: False})
+        fakes = self.sess.run(g["samples_u8_out"], {g["z_in"]: self.state["sample_z"],
+                                                    g["is_training_in"]: False})
         picture = data.image_grid(fakes)
         write_atomic(os.path.join(self.sample_dir, f"step-{step:06d}.png"), data.png_bytes(picture))
         h, w, c = picture.shape

@@ -51,33 +51,49 @@ def generate_u8(sess, z_in, images_out, z, feed=None, progress=None):
 
 # ---------------------------------------------------------------- a checkpoint's generator
 
-def inference_images(z_in, m):
+def weights_scope(cfg):
+    """The generator a run shows: its averaged weights when train.g_average was on."""
+    return model.AVERAGE_SCOPE if cfg.train.g_average else model.GEN_SCOPE
+
+
+def describe_weights(cfg):
+    return (f"averaged weights (train.g_average {cfg.train.g_average})" if cfg.train.g_average
+            else "trained weights")
+
+
+def inference_images(z_in, m, scope=model.GEN_SCOPE):
     """uint8 images [N, S, S, 3] of the generator in inference mode, for latents z_in."""
-    fakes = model.generator(z_in, tf.constant(False), **vars(m))  # [N, S, S, 3] in -1..1
+    fakes = model.generator(z_in, tf.constant(False), scope=scope, **vars(m))  # [N, S, S, 3]
     return to_u8_op(fakes)
 
 
-def architecture_differences(graph, prefix):
+def generator_variables(scope):
+    """The variables of one copy of the generator (the averaged copy's update count aside)."""
+    return [v for v in tf1.global_variables(scope + "/") if v.op.name != scope + "/updates"]
+
+
+def architecture_differences(graph, prefix, scope=model.GEN_SCOPE):
     """How the generator variables of `graph` differ from the checkpoint's, as text lines."""
     shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     # Optimizer slots ("<variable>/adam_g") belong to their variable, not to the net.
     saved = {name: shape for name, shape in shapes.items()
-             if name.startswith(model.GEN_SCOPE + "/") and name.rsplit("/", 1)[0] not in shapes}
+             if name.startswith(scope + "/") and name.rsplit("/", 1)[0] not in shapes
+             and name != scope + "/updates"}
     with graph.as_default():
-        built = {v.op.name: v.shape.as_list() for v in tf1.global_variables(model.GEN_SCOPE + "/")}
+        built = {v.op.name: v.shape.as_list() for v in generator_variables(scope)}
     return runs.variable_differences(saved, built)
 
 
-def restore_generator(sess, graph, prefix, run_dir):
+def restore_generator(sess, graph, prefix, run_dir, scope=model.GEN_SCOPE):
     """Restore only the generator's variables; a checkpoint of another net is a RunError."""
-    differences = architecture_differences(graph, prefix)
+    differences = architecture_differences(graph, prefix, scope)
     if differences:
         more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
         raise runs.RunError(f"checkpoint '{prefix}' was not trained with the generator that "
                             f"{run_dir}/config.json describes: {'; '.join(differences[:2])}{more}; "
                             f"use the checkpoint with the config.json of the run that wrote it")
     with graph.as_default():  # the v1 Saver looks up the default graph
-        saver = tf1.train.Saver(tf1.global_variables(model.GEN_SCOPE + "/"))
+        saver = tf1.train.Saver(generator_variables(scope))
         try:
             saver.restore(sess, prefix)
         except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
@@ -89,7 +105,7 @@ class Generator:
     """The generator of a checkpoint, in inference mode (moving-average batch norm).
 
     The architecture comes from the run's config.json; only the generator's
-    variables are restored. `generate(z)` takes any number of latents and
+    variables are restored: its averaged copy when the run kept one (train.g_average). `generate(z)` takes any number of latents and
     returns uint8 images [N, S, S, 3], computed `batch_size` at a time.
     """
 
@@ -99,15 +115,16 @@ class Generator:
         self.step = runs.checkpoint_step(self.prefix)
         m = self.cfg.model
         self.z_dim, self.z_dist, self.batch_size = m.z_dim, m.z_dist, batch_size
+        self.scope, self.weights = weights_scope(self.cfg), describe_weights(self.cfg)
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.z_in = tf1.placeholder(tf.float32, [batch_size, m.z_dim], "z_in")
-            self.fakes_u8_out = inference_images(self.z_in, m)
+            self.fakes_u8_out = inference_images(self.z_in, m, self.scope)
         session_config = tf1.ConfigProto(intra_op_parallelism_threads=threads,
                                          inter_op_parallelism_threads=1)
         self.sess = tf1.Session(graph=self.graph, config=session_config)
         try:
-            restore_generator(self.sess, self.graph, self.prefix, self.run_dir)
+            restore_generator(self.sess, self.graph, self.prefix, self.run_dir, self.scope)
         except runs.RunError:
             self.sess.close()
             raise

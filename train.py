@@ -124,7 +124,7 @@ class Evaluator:
 
     def __call__(self, run, step):
         started, g = time.time(), run.g
-        fakes = generate_u8(run.sess, g["z_in"], g["fakes_u8_out"], self.z,
+        fakes = generate_u8(run.sess, g["z_in"], g["samples_u8_out"], self.z,
                             {g["is_training_in"]: False})
         found = metrics.evaluate_sets(self.reals, fakes, seed=self.cfg.train.seed, quick=True,
                                       threads=self.cfg.run.threads)
@@ -244,6 +244,8 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
     run.state = {"sample_z": sample_z, **data_now}
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
+    if t.g_average:
+        print(f"samples and evaluations: G's averaged weights (train.g_average {t.g_average})")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
     while step < t.steps and stop.signal is None:
@@ -268,8 +270,10 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
             log.write(record)
             tb_scalars(writer, record)
         if step % t.sample_every == 0 or step == t.steps:  # the end state is seen too
+            gan.refresh_samples(sess, g)
             run.dump_samples(step)
         if evaluate and step % t.eval_every == 0:
+            gan.refresh_samples(sess, g)
             found = evaluate(run, step)
             log.write(found)
             tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
@@ -295,6 +299,7 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
 
 
 def checkpoint(run, step, records):
+    gan.refresh_samples(run.sess, run.g)  # the averaged G is saved as it is shown
     run.save(step)
     plot_losses(records, os.path.join(run.dir, "losses.png"))
 
