@@ -45,3 +45,17 @@ def smoke_run(tmp_path_factory):
     run_script("train.py", "--config", "configs/smoke.json", "--set", "train.steps=40",
                "--out", run_dir, check=True)
     return str(run_dir)
+
+
+def built(cfg):
+    """(graph, g, initialised session) of gan.build_graph(cfg), seeded, finalized."""
+    import tensorflow as tf
+    import gan
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(0)
+        g = gan.build_graph(cfg)
+    sess = tf.compat.v1.Session(graph=graph)
+    sess.run(g["init_op"])
+    graph.finalize()
+    return graph, g, sess

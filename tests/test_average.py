@@ -8,20 +8,14 @@ import tensorflow as tf
 import config
 import gan
 import model
-from conftest import ROOT, run_script
+from conftest import ROOT, built, run_script
 
 tf1 = tf.compat.v1
 
 
-def built(decay):
+def built_with(decay):
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"), [f"train.g_average={decay}"])
-    graph = tf.Graph()
-    with graph.as_default():
-        tf1.set_random_seed(0)
-        g = gan.build_graph(cfg)
-    sess = tf1.Session(graph=graph)
-    sess.run(g["init_op"])
-    return cfg, graph, g, sess
+    return (cfg, *built(cfg))
 
 
 def values(graph, sess, scope):
@@ -40,8 +34,8 @@ def steps(cfg, g, sess, count):
 
 
 def test_the_average_changes_nothing_in_training_and_follows_g():
-    plain_cfg, plain_graph, plain_g, plain = built(0.0)
-    cfg, graph, g, sess = built(0.5)
+    plain_cfg, plain_graph, plain_g, plain = built_with(0.0)
+    cfg, graph, g, sess = built_with(0.5)
     steps(plain_cfg, plain_g, plain, 1)
     steps(cfg, g, sess, 1)
     raw = values(graph, sess, model.GEN_SCOPE)
@@ -63,7 +57,7 @@ def test_the_average_changes_nothing_in_training_and_follows_g():
 
 def test_the_averaged_copy_gets_batch_statistics_of_its_own_weights():
     """G's moving averages belong to G's weights: the copy's are measured before use."""
-    cfg, graph, g, sess = built(0.5)
+    cfg, graph, g, sess = built_with(0.5)
     steps(cfg, g, sess, 1)  # the copy now holds G's weights exactly
     z = np.random.default_rng(1).uniform(-1, 1, (cfg.train.batch_size, cfg.model.z_dim))
     in_training = sess.run(g["fakes_out"], {g["z_in"]: z})

@@ -17,7 +17,7 @@ import sampling
 import runs
 import train
 from history_cache import HistoryCache
-from conftest import ROOT, run_script, write_tiles
+from conftest import ROOT, built, run_script, write_tiles
 
 tf1 = tf.compat.v1
 LOG_FIELDS = {"step", "d_real_loss", "d_fake_loss", "d_reg_loss", "g_loss", "g_reg_loss", "path",
@@ -291,17 +291,6 @@ def tiny_cfg(**train_values):
     for key, value in train_values.items():
         setattr(cfg.train, key, value)
     return cfg
-
-
-def built(cfg):
-    graph = tf.Graph()
-    with graph.as_default():
-        tf1.set_random_seed(0)
-        g = gan.build_graph(cfg)
-    sess = tf1.Session(graph=graph)
-    sess.run(g["init_op"])
-    graph.finalize()
-    return graph, g, sess
 
 
 class RecordingSession:
