@@ -298,6 +298,9 @@ def time_steps(cfg, step, path, steps, first_step, yardstick):
 def main(argv=None):
     args = parse_args(argv)
     cfg = config_lib.load(args.config, args.set)
+    if cfg.model.upsample != "transposed":
+        raise config_lib.ConfigError("bench_torch.py twins the transposed-convolution generator "
+                                     "only; drop model.upsample")
     threads = cfg.run.threads or config_lib.default_threads()  # as gan.session_config
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)  # read by NumPy's BLAS if it is not loaded yet

@@ -38,6 +38,8 @@ class ModelConfig:
     gen_filters: int = 1024        # generator filters at 4x4, halved per 2x upsampling
     disc_filters: int = 1024       # discriminator filters at 4x4, mirrored
     extra_layers: int = 1          # stride-1 layers at full resolution (checkerboard fix)
+    upsample: str = "transposed"   # G's 2x steps: "transposed" (stride-2 transposed conv, the
+                                   # write-up's) or "resize" (nearest-neighbour resize + conv)
     gen_leaky: bool = False        # leaky ReLU in the generator too
     leaky_slope: float = 0.2       # negative slope of leaky ReLU
     bn_momentum: float = 0.9       # moving-average decay of batch-norm statistics
@@ -89,6 +91,7 @@ CHOICES = {
     "data.grayscale": ("error", "convert"),
     "data.bad_files": ("error", "skip"),
     "model.z_dist": ("uniform", "normal"),
+    "model.upsample": ("transposed", "resize"),
     "run.mixed_precision": ("none", "bf16", "fp16"),
 }
 
@@ -96,7 +99,7 @@ CHOICES = {
 # history cache kept beside it: a resume must keep the run's values.
 ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
                      "model.gen_filters", "model.disc_filters", "model.extra_layers",
-                     "model.gen_leaky", "train.batch_size", "train.history_size",
+                     "model.gen_leaky", "model.upsample", "train.batch_size", "train.history_size",
                      "train.g_average")
 
 

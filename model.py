@@ -132,6 +132,16 @@ def _deconv_as_matmul(x, w, stride):
     return tf.reshape(y, [-1, big, big, c_out])  # [N, S*stride, S*stride, C_out]
 
 
+def upsample2x(x, filters, kernel, how, name):
+    """Double the resolution: a stride-2 transposed convolution (the write-up's), or a
+    nearest-neighbour resize then a stride-1 convolution, whose taps cover every
+    output pixel alike and so leave no checkerboard (Odena et al. 2016)."""
+    if how == "transposed":
+        return deconv2d(x, filters, kernel, 2, name)
+    size = 2 * int(x.shape[1])
+    return conv2d(tf.image.resize(x, [size, size], "nearest"), filters, kernel, 1, name)
+
+
 def batch_norm(x, is_training, momentum, name):
     """Fused batch norm over NHWC with moving averages for inference (Lesson 23).
 
@@ -182,7 +192,7 @@ def _levels(image_size):
 
 def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
               kernel=5, extra_layers=1, gen_leaky=False, leaky_slope=0.2,
-              bn_momentum=0.9, scope=GEN_SCOPE, **_):
+              bn_momentum=0.9, upsample="transposed", scope=GEN_SCOPE, **_):
     """z [N, z_dim] -> images [N, S, S, channels] in -1..+1.
 
     4x4 x gen_filters, then filters halve while resolution doubles (Lesson 20),
@@ -200,7 +210,7 @@ def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
         for i in range(1, levels + 1):
             last = i == levels and extra_layers == 0
             filters = channels if last else gen_filters // 2 ** i
-            x = deconv2d(x, filters, kernel, 2, f"up{i}")  # [N, 4*2^i, 4*2^i, F/2^i]
+            x = upsample2x(x, filters, kernel, upsample, f"up{i}")  # [N, 4*2^i, 4*2^i, F/2^i]
             if last:
                 return tf.tanh(x)
             x = act(bn(x, f"up{i}_bn"))

@@ -212,3 +212,29 @@ def test_layers_at_4x4_are_matrix_products_in_the_article_nets():
     graph, *_ = build(batch=4, z_dim=100, image_size=32, gen_filters=128, disc_filters=128,
                       kernel=5, extra_layers=1)
     assert not any(op.type == "BatchMatMulV2" for op in graph.get_operations())
+
+
+@pytest.mark.parametrize("how, even", [("resize", True), ("transposed", False)])
+def test_resize_upsampling_leaves_no_checkerboard(how, even):
+    """A flat input through equal weights: a resize then convolution gives a flat inside;
+    a 5x5 stride-2 transposed convolution overlaps unevenly (a checkerboard, Odena 2016)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.ones([1, 8, 8, 2])
+        y = model.upsample2x(x, 2, 5, how, "up")  # [1, 16, 16, 2]
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            w = tf1.global_variables("up/w")[0]
+            sess.run(w.assign(tf.ones_like(w)))
+            out = sess.run(y)
+    assert out.shape == (1, 16, 16, 2)
+    inside = out[0, 4:12, 4:12, 0]
+    assert (inside.std() == 0) == even
+
+
+def test_resize_generator_builds_and_trains_its_conv_kernels():
+    graph, z, training, fakes, logits = build(**TINY, upsample="resize")
+    assert fakes.shape.as_list() == [8, 16, 16, 3]
+    with graph.as_default():
+        ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
+    assert "ResizeNearestNeighbor" in ops and "Conv2DBackpropInput" not in ops
