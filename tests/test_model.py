@@ -237,4 +237,5 @@ def test_resize_generator_builds_and_trains_its_conv_kernels():
     assert fakes.shape.as_list() == [8, 16, 16, 3]
     with graph.as_default():
         ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
-    assert "ResizeNearestNeighbor" in ops and "Conv2DBackpropInput" not in ops
+        up = {op.type for op in graph.get_operations() if op.name.startswith("generator/up")}
+    assert "ResizeNearestNeighbor" in ops and "Conv2DBackpropInput" not in up
