@@ -48,6 +48,7 @@ AUTO = "auto"                           # --nodata's and --stretch's default
 DEFAULT_BANDS = (1, 2, 3)               # --bands of a multi-band file
 FOLDER_EXTENSIONS = (*data.IMAGE_EXTENSIONS, ".jp2")   # the files of a source folder
 OVERVIEW_PX = 4_000_000                 # pixels of the reduced read deciding collar and stretch
+NEAR_BLACK_LOSSY = 15                   # --near-black of lossy 8-bit data, as GDAL's nearblack
 STRETCH_SAMPLE_PX = 1_000_000           # pixels per band that decide a scene's stretch
 PROGRESS_EVERY_S = 5.0
 
@@ -73,10 +74,14 @@ No data, the way GDAL sees it: what a file declares (a nodata value, an alpha
 band, an internal mask) first. A scene that declares nothing gets the black
 collar rule: pixels 0 in every band that connect to the scene's edge (the
 collar USGS leaves undeclared) are no data, black pixels inside the imagery
-(shadow, water) are not; a folder's files, tiles, get no rule. --nodata V (every
-band holds V) or none replaces a declared value and the collar rule. NaN is
-always no data. A tile whose share of no-data pixels exceeds --max-nodata
-(default 0: any) is dropped. The summary names each scene's rule.
+(shadow, water) are not; a folder's files, tiles, get no rule. Lossy codecs
+(JPEG, lossy JPEG2000 or WebP, by GDAL's COMPRESSION metadata) decode a black
+collar as values just above 0, so 8-bit lossy files take every band at most
+--near-black (default 15 for them, 0 otherwise) as black, as GDAL's nearblack
+does. --nodata V (every band holds V) or none replaces a declared value and
+the collar rule. NaN is always no data. A tile whose share of no-data pixels
+exceeds --max-nodata (default 0: any) is dropped. The summary names each
+scene's rule.
 
 Tiles of --source-tile pixels are cut every --stride pixels and shrunk to
 --tile pixels by area averaging. For the holdout each scene is divided into
@@ -196,15 +201,46 @@ class NodataRule:
     """Which pixels of a scene are no data. Non-finite float pixels always are."""
     declared: str | None   # what the file declares through GDAL's mask ('alpha band', ...)
     value: float | None    # --nodata V: every band holds V
-    collar: bool           # black (0 in every band) and connected to the scene's edge
+    collar: float | None   # near black (every band within this of 0) and connected to the
+    #                        scene's edge; None: no collar rule
+    lossy: str | None = None   # the lossy compression that widened the collar's default
 
     def __str__(self):
         parts = [self.declared] if self.declared else []
         if self.value is not None:
             parts.append(f"--nodata {self.value:g}")
-        if self.collar:
+        if self.collar == 0:
             parts.append("black collar (0 in every band, connected to the edge)")
+        elif self.collar is not None:
+            why = f"; --near-black default for {self.lossy}" if self.lossy else ""
+            parts.append(f"near-black collar (0..{self.collar:g} in every band, connected to "
+                         f"the edge{why})")
         return " + ".join(parts) or "none"
+
+
+def lossy_compression(ds):
+    """How `ds` is compressed when that loses detail ('lossy JPEG compression'), else None:
+    GDAL's COMPRESSION_REVERSIBILITY where the driver reports it (JPEG2000, WebP, JPEG XL),
+    and JPEG, which is always lossy."""
+    structure = ds.tags(ns="IMAGE_STRUCTURE")
+    compression = structure.get("COMPRESSION", ds.driver)
+    reversibility = structure.get("COMPRESSION_REVERSIBILITY", "")
+    if reversibility == "LOSSY" or (not reversibility and "JPEG" in compression.upper()):
+        return f"lossy {'JPEG' if 'JPEG' in compression.upper() else compression} compression"
+    return None
+
+
+def collar_tolerance(scene, datasets, args):
+    """(--near-black, the lossy compression that chose it): GDAL's nearblack idea. A lossless
+    file's collar is exactly 0; JPEG and other lossy codecs decode a black collar as values
+    just above 0, so 8-bit lossy data get NEAR_BLACK_LOSSY. Other types keep 0, as their
+    codecs' errors scale with the data's range; --near-black sets it for them."""
+    if args.near_black != AUTO:
+        return args.near_black, None
+    lossy = next(filter(None, (lossy_compression(datasets[path]) for path in scene.paths)), None)
+    if lossy and scene.dtype == "uint8":
+        return NEAR_BLACK_LOSSY, lossy
+    return 0, None
 
 
 def nodata_rule(scene, datasets, args):
@@ -223,8 +259,16 @@ def nodata_rule(scene, datasets, args):
     elif MaskFlags.per_dataset in flags:
         declared = "mask declared by the file"
     value = None if args.nodata in (AUTO, None) else args.nodata
-    collar = args.nodata == AUTO and declared is None and not scene.from_folder
-    return NodataRule(declared, value, collar)
+    if args.nodata == AUTO and declared is None and not scene.from_folder:
+        return NodataRule(declared, value, *collar_tolerance(scene, datasets, args))
+    return NodataRule(declared, value, None)
+
+
+def near_black(bands, tolerance):
+    """(h, w) bools: every band within `tolerance` of 0 (exactly 0 for tolerance 0)."""
+    if tolerance == 0:
+        return np.logical_and.reduce([band == 0 for band in bands])
+    return np.logical_and.reduce([(band >= -tolerance) & (band <= tolerance) for band in bands])
 
 
 def spread_along_rows(reached, mask):
@@ -292,9 +336,8 @@ class ScenePixels:
         bands = self._bands(out_shape=shape)
         nodata = self._nodata(bands, out_shape=shape)
         self.collar = None
-        if self.rule.collar:
-            black = np.logical_and.reduce([band == 0 for band in bands])
-            collar = edge_connected(black)
+        if self.rule.collar is not None:
+            collar = edge_connected(near_black(bands, self.rule.collar))
             nodata |= collar
             self.collar = collar if shape == (self.height, self.width) else grow_by_one(collar)
         stretch = args.stretch == "on" or (args.stretch == AUTO and
@@ -342,8 +385,7 @@ class ScenePixels:
         if self.collar is not None:
             rows = np.arange(y0, y1) * self.collar.shape[0] // self.height
             cols = np.arange(self.width) * self.collar.shape[1] // self.width
-            black = np.logical_and.reduce([band == 0 for band in bands])
-            nodata |= black & self.collar[np.ix_(rows, cols)]
+            nodata |= near_black(bands, self.rule.collar) & self.collar[np.ix_(rows, cols)]
         return nodata
 
     def rgb_rows(self, y0, y1):
@@ -896,6 +938,18 @@ def parse_nodata(text):
     return value
 
 
+def parse_near_black(text):
+    if text.lower() == AUTO:
+        return AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number 0 or more, or 'auto'")
+    return value
+
+
 def parse_bands(text):
     try:
         bands = tuple(int(part) for part in text.split(","))
@@ -935,6 +989,9 @@ def parse_args(argv=None):
                    help="a pixel is no data when all its bands hold V; 'none': no value is "
                         "(default auto: what the file declares, else the black collar of a "
                         "scene; nothing for the files of a folder)")
+    p.add_argument("--near-black", type=parse_near_black, default=AUTO, metavar="N",
+                   help="the black collar's pixels: every band at most N (default auto: "
+                        f"{NEAR_BLACK_LOSSY} for lossy-compressed 8-bit files, else 0)")
     p.add_argument("--max-nodata", type=float, default=0.0, metavar="F",
                    help="keep a tile with at most this fraction of no-data pixels (default 0)")
     p.add_argument("--stretch", choices=(AUTO, "on", "off"), default=AUTO,

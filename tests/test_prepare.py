@@ -384,7 +384,7 @@ def test_existing_out_is_refused_unless_overwrite(inputs, capsys):
 
 @pytest.mark.parametrize("option, value", [
     ("--stride", 0), ("--stride", -1), ("--source-tile", 0), ("--block", 0), ("--tile", 0),
-    ("--min-std", "nan"),
+    ("--min-std", "nan"), ("--near-black", -1), ("--near-black", "dark"),
 ])
 def test_numeric_option_out_of_range_exits_2_naming_it(inputs, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
@@ -693,3 +693,28 @@ def test_stretch_can_be_forced_or_turned_off(tmp_path):
     assert run(small, "--holdout", 0, "--stretch", "off", "--out", tmp_path / "off") == 0
     tile = tile_pixels(tmp_path / "off", manifest(tmp_path / "off")[0])
     assert np.array_equal(tile, dim.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("compress, kept_columns", [
+    ("jpeg", [64, 128, 192]),      # lossy: the collar decodes near 0 and is found
+    ("lzw", [0, 64, 128, 192]),    # lossless: dark but not 0, so imagery
+])
+def test_near_black_collar_of_a_lossy_file_is_no_data(tmp_path, capsys, compress, kept_columns):
+    """A JPEG-compressed COG whose collar reads as values just above 0 (as mosaics and
+    lossy codecs leave it) loses its collar tiles by default; its black shadow stays."""
+    rgb = noise(192, 256, seed=12)
+    rgb[:, :24] = 6                         # a near-black collar down the left edge
+    rgb[100:116, 150:166] = 0               # a shadow inside the imagery
+    path = write_raster(tmp_path / "mosaic.tif", rgb.transpose(2, 0, 1), driver="COG",
+                        compress=compress)
+
+    assert run(path, "--holdout", 0, "--out", tmp_path / "out") == 0
+
+    rows = manifest(tmp_path / "out")
+    assert sorted({int(r["x"]) for r in rows}) == kept_columns
+    assert len(rows) == 3 * len(kept_columns)          # three rows of tiles, shadow tile kept
+    summary = capsys.readouterr().out
+    assert ("near-black collar" in summary and "JPEG" in summary) == (compress == "jpeg")
+
+    assert run(path, "--holdout", 0, "--near-black", 0, "--out", tmp_path / "exact") == 0
+    assert len(manifest(tmp_path / "exact")) == 12     # an exact-0 collar: none there
