@@ -204,9 +204,13 @@ class NodataRule:
     collar: float | None   # near black (every band within this of 0) and connected to the
     #                        scene's edge; None: no collar rule
     lossy: str | None = None   # the lossy compression that widened the collar's default
+    imagery_alpha: int | None = None   # a band marked alpha that holds imagery, so no mask
 
     def __str__(self):
         parts = [self.declared] if self.declared else []
+        if self.imagery_alpha:
+            parts.append(f"band {self.imagery_alpha} marked alpha holds imagery (values besides "
+                         f"0 and 255), not a mask")
         if self.value is not None:
             parts.append(f"--nodata {self.value:g}")
         if self.collar == 0:
@@ -243,25 +247,40 @@ def collar_tolerance(scene, datasets, args):
     return 0, None
 
 
-def nodata_rule(scene, datasets, args):
+def alpha_holds_imagery(ds, shape):
+    """The number of `ds`'s alpha band when it holds more values than 0 and 255, else None.
+    GDAL marks the fourth band of a 4-band 8-bit GeoTIFF alpha unless told otherwise, so an
+    aerial survey's near-infrared often arrives as 'alpha'; a real alpha band is a mask."""
+    interps = [interp.name for interp in ds.colorinterp]
+    if "alpha" not in interps:      # a palette's transparent colour: a mask
+        return None
+    band = 1 + interps.index("alpha")
+    values = read_band(ds, band, out_shape=shape)
+    return band if not np.isin(values, (0, 255)).all() else None
+
+
+def nodata_rule(scene, datasets, args, shape):
     """The field's order: what the file declares (a nodata value, an alpha band, an internal
     mask), else the black collar for a scene (Landsat Level-1 leaves its collar undeclared;
     black inside the imagery is shadow or water), and nothing for a folder's files (tiles,
-    whose black is imagery). --nodata V or none replaces a declared value and the collar."""
+    whose black is imagery). --nodata V or none replaces a declared value and the collar.
+    `shape`: (rows, columns) of the reduced read that judges an alpha band."""
     flags = {flag for path, band in scene.reads
              for flag in datasets[path].mask_flag_enums[band - 1]}
-    declared = None
+    declared, imagery_alpha = None, None
     if MaskFlags.alpha in flags:
-        declared = "alpha band"
+        imagery_alpha = alpha_holds_imagery(datasets[scene.paths[0]], shape)
+        declared = None if imagery_alpha else "alpha band"
     elif MaskFlags.nodata in flags and args.nodata == AUTO:
         first = datasets[scene.reads[0][0]]
         declared = f"nodata value {first.nodata:g} declared by the file"
     elif MaskFlags.per_dataset in flags:
         declared = "mask declared by the file"
     value = None if args.nodata in (AUTO, None) else args.nodata
+    collar, lossy = None, None
     if args.nodata == AUTO and declared is None and not scene.from_folder:
-        return NodataRule(declared, value, *collar_tolerance(scene, datasets, args))
-    return NodataRule(declared, value, None)
+        collar, lossy = collar_tolerance(scene, datasets, args)
+    return NodataRule(declared, value, collar, lossy, imagery_alpha)
 
 
 def near_black(bands, tolerance):
@@ -331,8 +350,8 @@ class ScenePixels:
         for path in scene.paths:
             self.datasets[path] = open_raster(path)
         self.lut = palette_lut(self.datasets[scene.paths[0]]) if scene.palette else None
-        self.rule = nodata_rule(scene, self.datasets, args)
         shape = overview_shape(self.width, self.height)
+        self.rule = nodata_rule(scene, self.datasets, args, shape)
         bands = self._bands(out_shape=shape)
         nodata = self._nodata(bands, out_shape=shape)
         self.collar = None
@@ -521,7 +540,8 @@ def band_note(path, header, reads):
     if ignored:
         parts.append(f"band(s) {', '.join(ignored)} ignored")
     if alpha:
-        parts.append(f"band {', '.join(alpha)} (alpha) marks no data")
+        parts.append(f"band {', '.join(alpha)} (alpha) marks no data if it holds only 0 and "
+                     f"255, else it is taken for imagery and ignored")
     return f"{path}: {header.count} bands; " + "; ".join(parts) + " (--bands picks others)"
 
 

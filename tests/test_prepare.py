@@ -718,3 +718,25 @@ def test_near_black_collar_of_a_lossy_file_is_no_data(tmp_path, capsys, compress
 
     assert run(path, "--holdout", 0, "--near-black", 0, "--out", tmp_path / "exact") == 0
     assert len(manifest(tmp_path / "exact")) == 12     # an exact-0 collar: none there
+
+
+def test_gdal_default_4_band_file_keeps_its_infrared_out_of_the_mask(tmp_path, capsys):
+    """GDAL marks the fourth band of a 4-band 8-bit GeoTIFF alpha unless told otherwise; an
+    infrared band there (0 over water) must not become transparency. A real alpha (0 and
+    255 only) still marks no data."""
+    rgb = noise(128, 128, seed=13).transpose(2, 0, 1)
+    nir = np.random.default_rng(13).integers(40, 200, (128, 128)).astype(np.uint8)
+    nir[:, :64] = 0                                     # water: no infrared
+    path = write_raster(tmp_path / "rgbn.tif", np.concatenate([rgb, nir[None]]))
+    with rasterio.open(path) as ds:
+        assert ds.colorinterp[3].name == "alpha"        # as GDAL wrote it
+
+    assert run(path, "--holdout", 0, "--out", tmp_path / "out") == 0
+    assert len(manifest(tmp_path / "out")) == 4
+    assert "band 4 marked alpha holds imagery" in capsys.readouterr().out
+
+    alpha = np.where(nir > 0, 255, 0).astype(np.uint8)  # a real mask: the left half no data
+    path = write_raster(tmp_path / "rgba.tif", np.concatenate([rgb, alpha[None]]))
+    assert run(path, "--holdout", 0, "--out", tmp_path / "masked") == 0
+    assert [r["x"] for r in manifest(tmp_path / "masked")] == ["64", "64"]
+    assert "alpha band: 1 scene" in capsys.readouterr().out
