@@ -373,22 +373,62 @@ def test_sample_grids_have_no_ragged_row_when_a_divisor_allows(n, shape):
     assert grid[3, 0].tolist() == [cols] * 3
 
 
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def write_raster(path, bands, georeferenced=False, **profile):
+    """A GeoTIFF of (C, H, W) `bands` as GDAL writes it by default."""
+    import rasterio
+    from rasterio.transform import from_origin
+    where = {"crs": "EPSG:32618", "transform": from_origin(500_000, 4_000_000, 5, 5)} \
+        if georeferenced else {}
+    with rasterio.open(path, "w", driver="GTiff", count=len(bands), width=bands.shape[2],
+                       height=bands.shape[1], dtype=bands.dtype.name, **where, **profile) as ds:
+        ds.write(bands)
+    return str(path)
+
+
 def test_a_folder_of_scene_rasters_is_sent_to_prepare_py(tmp_path):
     """Downloaded data sets are often multi-band or non-8-bit GeoTIFFs: PIL would take a
-    near-infrared band for transparency. The loader names each file and says what to do."""
-    import rasterio
+    near-infrared band for transparency (GDAL marks a 4-band 8-bit file's fourth band alpha
+    by default), 16-bit colour for its high bytes, a 16-bit band for a grayscale tile."""
     folder = tmp_path / "download"
     folder.mkdir()
     save(str(folder), "ok.png", rgb())
-    rasters = {"rgbn.tif": np.zeros((4, 64, 64), np.uint8),
-               "reflectance.tif": np.zeros((3, 64, 64), np.float32)}
-    for name, bands in rasters.items():
-        with rasterio.open(folder / name, "w", driver="GTiff", count=len(bands), width=64,
-                           height=64, dtype=bands.dtype.name, photometric="RGB") as ds:
-            ds.write(bands)
+    nir_as_alpha = np.full((4, 64, 64), 255, np.uint8)  # opaque: PIL would read RGB silently
+    scenes = [write_raster(folder / "rgbn.tif", np.zeros((4, 64, 64), np.uint8),
+                           photometric="RGB"),
+              write_raster(folder / "gdal_default.tif", nir_as_alpha),
+              write_raster(folder / "reflectance.tif", np.zeros((3, 64, 64), np.float32),
+                           photometric="RGB")]
+    band = write_raster(folder / "B4.tif", np.ones((1, 64, 64), np.uint16), georeferenced=True)
     with pytest.raises(data.DataError) as err:
         data.load_tiles(str(folder))
-    message = str(err.value)
-    assert "2 of 3 files" in message and "prepare.py" in message
-    assert "rgbn.tif: is a 4-band uint8 raster" in message
-    assert "reflectance.tif: is a 3-band float32 raster" in message
+    lines = str(err.value).splitlines()
+    assert "4 of 5 files" in lines[0]
+    for path in (*scenes, band):
+        line = next(line for line in lines if path in line)
+        assert "prepare.py" in line
+    assert "RED.TIF GREEN.TIF BLUE.TIF" in next(line for line in lines if band in line)
+
+
+def test_a_gray_16_bit_tiff_without_georeference_stays_a_grayscale_tile(tmp_path):
+    write_raster(tmp_path / "g16.tif", np.full((1, 64, 64), 65535, np.uint16))
+    tiles, _ = data.load_tiles(str(tmp_path), grayscale="convert")
+    assert (tiles == 255).all()
+
+
+def test_train_sends_a_gdal_default_4_band_geotiff_to_prepare_py(tmp_path):
+    folder = tmp_path / "download"
+    folder.mkdir()
+    bands = np.random.default_rng(0).integers(0, 256, (4, 64, 64)).astype(np.uint8)
+    path = write_raster(folder / "rgbn.tif", bands, georeferenced=True)
+    out = tmp_path / "run"
+    proc = run_script("train.py", "--config", "configs/smoke.json", "--set",
+                      f"data.path={folder}", "--out", out)
+    assert proc.returncode == 2
+    assert len(error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr
+    assert path in proc.stderr and "prepare.py" in proc.stderr
+    assert "transparent" not in proc.stderr     # the infrared is not taken for an alpha
+    assert not out.exists()
