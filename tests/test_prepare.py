@@ -2,6 +2,7 @@
 separation and bad inputs. Rasters of the kinds the field delivers are written with rasterio
 itself. Everything is written under tmp_path; the whole file runs in seconds."""
 import csv
+import os
 import random
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from rasterio.transform import from_origin
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
+from conftest import run_script as run_repo_script  # noqa: E402
 
 
 def run(*argv):
@@ -740,3 +742,30 @@ def test_gdal_default_4_band_file_keeps_its_infrared_out_of_the_mask(tmp_path, c
     assert run(path, "--holdout", 0, "--out", tmp_path / "masked") == 0
     assert [r["x"] for r in manifest(tmp_path / "masked")] == ["64", "64"]
     assert "alpha band: 1 scene" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_a_4_band_geotiff_is_prepared_and_trained_on(tmp_path):
+    """A user's RGBN aerial GeoTIFF, as GDAL writes it by default (fourth band 'alpha'):
+    prepare.py -> tiles and a georeferenced manifest -> train.py starts training on them."""
+    rng = np.random.default_rng(14)
+    rgbn = rng.integers(30, 226, (4, 256, 256)).astype(np.uint8)
+    rgbn[3, :, :100] = 0                    # no infrared over water
+    path = write_raster(tmp_path / "rgbn.tif", rgbn, compress="lzw")
+    tiles = tmp_path / "tiles"
+
+    assert run(path, "--holdout", 0.25, "--block", 128, "--out", tiles) == 0
+
+    rows = manifest(tiles)
+    assert len(rows) == 16 and {r["split"] for r in rows} == {"train", "holdout"}
+    assert all(r["crs"] == UTM_21S and r["lon"] and r["lat"] and r["left"] for r in rows)
+    run_dir = tmp_path / "run"
+    proc = run_repo_script("train.py", "--config", "configs/smoke.json", "--set",
+                           f"data.path={tiles}", "--set", "train.steps=2", "--out", run_dir,
+                           timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [line for line in (run_dir / "log.jsonl").read_text().splitlines()
+               if '"event"' not in line]
+    assert len(records) == 2
+    assert any(name.startswith("model-2") for name in os.listdir(run_dir / "checkpoints"))
