@@ -67,6 +67,8 @@ class Advice:
     run_folder: str = "set data.path to a folder of tiles"
     raster: str = ("cut it into tiles first: python prepare.py FOLDER --out tiles, then "
                    "--set data.path=tiles")
+    band: str = ("cut its scene into tiles first: python prepare.py RED.TIF GREEN.TIF "
+                 "BLUE.TIF --out tiles, then --set data.path=tiles")
 
 
 TRAIN_ADVICE = Advice()
@@ -88,7 +90,9 @@ def option_advice(option):
                   run_folder=f"give {option} a folder of tiles (generate.py and evaluate.py "
                              f"take a run's generator with --checkpoint)",
                   raster=f"cut it into tiles first (python prepare.py FOLDER --out tiles) and "
-                         f"give {option} the tiles")
+                         f"give {option} the tiles",
+                  band=f"cut its scene into tiles first (python prepare.py RED.TIF GREEN.TIF "
+                       f"BLUE.TIF --out tiles) and give {option} the tiles")
 
 
 # ---------------------------------------------------------------- finding files
@@ -244,9 +248,9 @@ def read_tile(path, image_size, grayscale="error", advice=TRAIN_ADVICE):
     (see `_fit`).
     """
     if path.lower().endswith(TIFF_EXTENSIONS):
-        problem = _scene_raster(path)
+        problem, remedy = _scene_raster(path, advice)
         if problem:
-            raise TileError(f"{problem}; {advice.raster}")
+            raise TileError(f"{problem}; {remedy}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -261,20 +265,29 @@ def read_tile(path, image_size, grayscale="error", advice=TRAIN_ADVICE):
     return _fit(array, image_size, advice)
 
 
-def _scene_raster(path):
-    """What a TIFF is when it is a scene as remote-sensing pipelines write it (more colour
-    bands than red, green, blue, or values that are not 8-bit), which PIL would misread: a
-    near-infrared fourth band as transparency, 16-bit colour as its high bytes. None for a
-    tile PIL reads right, and for single-band files (grayscale, checked as such)."""
+def _scene_raster(path, advice=TRAIN_ADVICE):
+    """(what the TIFF is, what to do) when it is a scene or a band as remote-sensing pipelines
+    write them, which PIL would misread: a fourth band as transparency (GDAL marks it alpha by
+    default, so a near-infrared band is taken for one), 16-bit colour as its high bytes, a
+    georeferenced 16-bit band as a grayscale tile. (None, None) for a tile PIL reads right:
+    8-bit RGB, and grayscale or palette files, which are checked as such."""
     try:
         with rasterio.open(path) as ds:
             colour = [i for i in ds.colorinterp if i != ColorInterp.alpha]
-            count, dtype = ds.count, ds.dtypes[0]
+            count, dtype, georeferenced = ds.count, ds.dtypes[0], ds.crs is not None
+            interps = [i.name for i in ds.colorinterp]
     except RasterioError:
-        return None     # PIL's own reading says what is wrong with it
+        return None, None   # PIL's own reading says what is wrong with it
+    if len(colour) == 1 and dtype != "uint8" and georeferenced:
+        return f"is a georeferenced single-band {dtype} raster (a band of a scene), not an " \
+               f"8-bit RGB tile", advice.band
+    if count > 3:
+        extra = ", ".join(f"band {b} {interp}" for b, interp in enumerate(interps[3:], 4))
+        return f"is a {count}-band {dtype} raster ({extra}), not an 8-bit RGB tile", \
+            advice.raster
     if len(colour) < 2 or (len(colour) == 3 and dtype == "uint8"):
-        return None
-    return f"is a {count}-band {dtype} raster, not an 8-bit RGB tile"
+        return None, None
+    return f"is a {count}-band {dtype} raster, not an 8-bit RGB tile", advice.raster
 
 
 def _to_rgb(img, grayscale, advice=TRAIN_ADVICE):

@@ -48,6 +48,7 @@ AUTO = "auto"                           # --nodata's and --stretch's default
 DEFAULT_BANDS = (1, 2, 3)               # --bands of a multi-band file
 FOLDER_EXTENSIONS = (*data.IMAGE_EXTENSIONS, ".jp2")   # the files of a source folder
 OVERVIEW_PX = 4_000_000                 # pixels of the reduced read deciding collar and stretch
+NEAR_BLACK_LOSSY = 15                   # --near-black of lossy 8-bit data, as GDAL's nearblack
 STRETCH_SAMPLE_PX = 1_000_000           # pixels per band that decide a scene's stretch
 PROGRESS_EVERY_S = 5.0
 
@@ -73,10 +74,14 @@ No data, the way GDAL sees it: what a file declares (a nodata value, an alpha
 band, an internal mask) first. A scene that declares nothing gets the black
 collar rule: pixels 0 in every band that connect to the scene's edge (the
 collar USGS leaves undeclared) are no data, black pixels inside the imagery
-(shadow, water) are not; a folder's files, tiles, get no rule. --nodata V (every
-band holds V) or none replaces a declared value and the collar rule. NaN is
-always no data. A tile whose share of no-data pixels exceeds --max-nodata
-(default 0: any) is dropped. The summary names each scene's rule.
+(shadow, water) are not; a folder's files, tiles, get no rule. Lossy codecs
+(JPEG, lossy JPEG2000 or WebP, by GDAL's COMPRESSION metadata) decode a black
+collar as values just above 0, so 8-bit lossy files take every band at most
+--near-black (default 15 for them, 0 otherwise) as black, as GDAL's nearblack
+does. --nodata V (every band holds V) or none replaces a declared value and
+the collar rule. NaN is always no data. A tile whose share of no-data pixels
+exceeds --max-nodata (default 0: any) is dropped. The summary names each
+scene's rule.
 
 Tiles of --source-tile pixels are cut every --stride pixels and shrunk to
 --tile pixels by area averaging. For the holdout each scene is divided into
@@ -196,35 +201,93 @@ class NodataRule:
     """Which pixels of a scene are no data. Non-finite float pixels always are."""
     declared: str | None   # what the file declares through GDAL's mask ('alpha band', ...)
     value: float | None    # --nodata V: every band holds V
-    collar: bool           # black (0 in every band) and connected to the scene's edge
+    collar: float | None   # near black (every band within this of 0) and connected to the
+    #                        scene's edge; None: no collar rule
+    lossy: str | None = None   # the lossy compression that widened the collar's default
+    imagery_alpha: int | None = None   # a band marked alpha that holds imagery, so no mask
 
     def __str__(self):
         parts = [self.declared] if self.declared else []
+        if self.imagery_alpha:
+            parts.append(f"band {self.imagery_alpha} marked alpha holds imagery (values besides "
+                         f"0 and 255), not a mask")
         if self.value is not None:
             parts.append(f"--nodata {self.value:g}")
-        if self.collar:
+        if self.collar == 0:
             parts.append("black collar (0 in every band, connected to the edge)")
+        elif self.collar is not None:
+            why = f"; --near-black default for {self.lossy}" if self.lossy else ""
+            parts.append(f"near-black collar (0..{self.collar:g} in every band, connected to "
+                         f"the edge{why})")
         return " + ".join(parts) or "none"
 
 
-def nodata_rule(scene, datasets, args):
+def lossy_compression(ds):
+    """How `ds` is compressed when that loses detail ('lossy JPEG compression'), else None:
+    GDAL's COMPRESSION_REVERSIBILITY where the driver reports it (JPEG2000, WebP, JPEG XL),
+    and JPEG, which is always lossy."""
+    structure = ds.tags(ns="IMAGE_STRUCTURE")
+    compression = structure.get("COMPRESSION", ds.driver)
+    reversibility = structure.get("COMPRESSION_REVERSIBILITY", "")
+    if reversibility == "LOSSY" or (not reversibility and "JPEG" in compression.upper()):
+        return f"lossy {'JPEG' if 'JPEG' in compression.upper() else compression} compression"
+    return None
+
+
+def collar_tolerance(scene, datasets, args):
+    """(--near-black, the lossy compression that chose it): GDAL's nearblack idea. A lossless
+    file's collar is exactly 0; JPEG and other lossy codecs decode a black collar as values
+    just above 0, so 8-bit lossy data get NEAR_BLACK_LOSSY. Other types keep 0, as their
+    codecs' errors scale with the data's range; --near-black sets it for them."""
+    if args.near_black != AUTO:
+        return args.near_black, None
+    lossy = next(filter(None, (lossy_compression(datasets[path]) for path in scene.paths)), None)
+    if lossy and scene.dtype == "uint8":
+        return NEAR_BLACK_LOSSY, lossy
+    return 0, None
+
+
+def alpha_holds_imagery(ds, shape):
+    """The number of `ds`'s alpha band when it holds more values than 0 and 255, else None.
+    GDAL marks the fourth band of a 4-band 8-bit GeoTIFF alpha unless told otherwise, so an
+    aerial survey's near-infrared often arrives as 'alpha'; a real alpha band is a mask."""
+    interps = [interp.name for interp in ds.colorinterp]
+    if "alpha" not in interps:      # a palette's transparent colour: a mask
+        return None
+    band = 1 + interps.index("alpha")
+    values = read_band(ds, band, out_shape=shape)
+    return band if not np.isin(values, (0, 255)).all() else None
+
+
+def nodata_rule(scene, datasets, args, shape):
     """The field's order: what the file declares (a nodata value, an alpha band, an internal
     mask), else the black collar for a scene (Landsat Level-1 leaves its collar undeclared;
     black inside the imagery is shadow or water), and nothing for a folder's files (tiles,
-    whose black is imagery). --nodata V or none replaces a declared value and the collar."""
+    whose black is imagery). --nodata V or none replaces a declared value and the collar.
+    `shape`: (rows, columns) of the reduced read that judges an alpha band."""
     flags = {flag for path, band in scene.reads
              for flag in datasets[path].mask_flag_enums[band - 1]}
-    declared = None
+    declared, imagery_alpha = None, None
     if MaskFlags.alpha in flags:
-        declared = "alpha band"
+        imagery_alpha = alpha_holds_imagery(datasets[scene.paths[0]], shape)
+        declared = None if imagery_alpha else "alpha band"
     elif MaskFlags.nodata in flags and args.nodata == AUTO:
         first = datasets[scene.reads[0][0]]
         declared = f"nodata value {first.nodata:g} declared by the file"
     elif MaskFlags.per_dataset in flags:
         declared = "mask declared by the file"
     value = None if args.nodata in (AUTO, None) else args.nodata
-    collar = args.nodata == AUTO and declared is None and not scene.from_folder
-    return NodataRule(declared, value, collar)
+    collar, lossy = None, None
+    if args.nodata == AUTO and declared is None and not scene.from_folder:
+        collar, lossy = collar_tolerance(scene, datasets, args)
+    return NodataRule(declared, value, collar, lossy, imagery_alpha)
+
+
+def near_black(bands, tolerance):
+    """(h, w) bools: every band within `tolerance` of 0 (exactly 0 for tolerance 0)."""
+    if tolerance == 0:
+        return np.logical_and.reduce([band == 0 for band in bands])
+    return np.logical_and.reduce([(band >= -tolerance) & (band <= tolerance) for band in bands])
 
 
 def spread_along_rows(reached, mask):
@@ -287,14 +350,13 @@ class ScenePixels:
         for path in scene.paths:
             self.datasets[path] = open_raster(path)
         self.lut = palette_lut(self.datasets[scene.paths[0]]) if scene.palette else None
-        self.rule = nodata_rule(scene, self.datasets, args)
         shape = overview_shape(self.width, self.height)
+        self.rule = nodata_rule(scene, self.datasets, args, shape)
         bands = self._bands(out_shape=shape)
         nodata = self._nodata(bands, out_shape=shape)
         self.collar = None
-        if self.rule.collar:
-            black = np.logical_and.reduce([band == 0 for band in bands])
-            collar = edge_connected(black)
+        if self.rule.collar is not None:
+            collar = edge_connected(near_black(bands, self.rule.collar))
             nodata |= collar
             self.collar = collar if shape == (self.height, self.width) else grow_by_one(collar)
         stretch = args.stretch == "on" or (args.stretch == AUTO and
@@ -342,8 +404,7 @@ class ScenePixels:
         if self.collar is not None:
             rows = np.arange(y0, y1) * self.collar.shape[0] // self.height
             cols = np.arange(self.width) * self.collar.shape[1] // self.width
-            black = np.logical_and.reduce([band == 0 for band in bands])
-            nodata |= black & self.collar[np.ix_(rows, cols)]
+            nodata |= near_black(bands, self.rule.collar) & self.collar[np.ix_(rows, cols)]
         return nodata
 
     def rgb_rows(self, y0, y1):
@@ -479,7 +540,8 @@ def band_note(path, header, reads):
     if ignored:
         parts.append(f"band(s) {', '.join(ignored)} ignored")
     if alpha:
-        parts.append(f"band {', '.join(alpha)} (alpha) marks no data")
+        parts.append(f"band {', '.join(alpha)} (alpha) marks no data if it holds only 0 and "
+                     f"255, else it is taken for imagery and ignored")
     return f"{path}: {header.count} bands; " + "; ".join(parts) + " (--bands picks others)"
 
 
@@ -896,6 +958,18 @@ def parse_nodata(text):
     return value
 
 
+def parse_near_black(text):
+    if text.lower() == AUTO:
+        return AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number 0 or more, or 'auto'")
+    return value
+
+
 def parse_bands(text):
     try:
         bands = tuple(int(part) for part in text.split(","))
@@ -935,6 +1009,9 @@ def parse_args(argv=None):
                    help="a pixel is no data when all its bands hold V; 'none': no value is "
                         "(default auto: what the file declares, else the black collar of a "
                         "scene; nothing for the files of a folder)")
+    p.add_argument("--near-black", type=parse_near_black, default=AUTO, metavar="N",
+                   help="the black collar's pixels: every band at most N (default auto: "
+                        f"{NEAR_BLACK_LOSSY} for lossy-compressed 8-bit files, else 0)")
     p.add_argument("--max-nodata", type=float, default=0.0, metavar="F",
                    help="keep a tile with at most this fraction of no-data pixels (default 0)")
     p.add_argument("--stretch", choices=(AUTO, "on", "off"), default=AUTO,
