@@ -347,7 +347,8 @@ def test_kill_9_at_any_moment_then_resume_continues_exactly(start, tiles16, trai
     proc = start("--resume", run, "--set", f"train.steps={last}",
                  "--set", "train.checkpoint_every=5")
     assert proc.wait() == 0, proc.output()
-    assert_said(proc.read("stdout"), os.path.join(ckpt_dir, f"model-{expected}"), f"step {expected}")
+    assert_said(proc.read("stdout"), os.path.join(ckpt_dir, f"model-{expected}"),
+                f"step {expected}")
 
     records = read_log_lines(run)
     assert len(records) == len(runs.read_log(os.path.join(run, "log.jsonl")))  # nothing torn
