@@ -69,20 +69,23 @@ TF_LOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages befor
                     r"WARNING:tensorflow:")
 
 
-def error_lines(stderr):
-    """The project's error messages among the lines of `stderr`."""
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+def _unnamed(text, names):
+    """The first of `names` that `text` does not name (a tuple: in its order), else None."""
+    for name in names:
+        at = 0
+        for part in name if isinstance(name, tuple) else (name,):
+            at = text.find(str(part), at)
+            if at < 0:
+                return name
+            at += len(str(part))
+    return None
 
 
 def assert_named(text, *names, unnamed=()):
     """`text` names each of `names` and none of `unnamed`. A tuple in `names` is named in
     its order, for where the order is the fact (a key, its old value, its new value)."""
-    for name in names:
-        at = 0
-        for part in name if isinstance(name, tuple) else (name,):
-            found = text.find(str(part), at)
-            assert found >= 0, f"{name!r} is not named in: {text}"
-            at = found + len(str(part))
+    missing = _unnamed(text, names)
+    assert missing is None, f"{missing!r} is not named in: {text}"
     for name in unnamed:
         assert str(name) not in text, f"{name!r} is named in: {text}"
 
@@ -120,8 +123,8 @@ def assert_usage_error(code, stderr, *names, unnamed=(), nothing_written=()):
 
 
 def assert_said(lines, *names):
-    """One of `lines` (a list of notes, or printed text) names each of `names`: what a
-    note or a progress line promises, checked by its facts rather than its wording."""
+    """One of `lines` (a list of notes, or printed text) names each of `names` (see
+    assert_named): what a note or a progress line promises, by its facts, not its wording."""
     lines = lines.splitlines() if isinstance(lines, str) else lines
-    assert any(all(str(name) in line for name in names) for line in lines), \
+    assert any(_unnamed(line, names) is None for line in lines), \
         f"no line names all of {names}:\n" + "\n".join(lines)[-3000:]
