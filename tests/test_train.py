@@ -234,7 +234,8 @@ def test_an_out_that_cannot_be_made_is_refused_before_the_data_are_read(tmp_path
     monkeypatch.setattr(runs.os, "access", lambda path, mode: path != str(tmp_path))
     with pytest.raises(runs.RunError) as e:
         runs.open_run(smoke, [], str(tmp_path / "run"), None)
-    assert_named(str(e.value), ("--out", tmp_path / "run", f"'{tmp_path}'"))  # the folder in the way
+    # the run folder, then its parent that is not writable
+    assert_named(str(e.value), ("--out", tmp_path / "run", f"'{tmp_path}'"))
     assert not os.path.exists(tmp_path / "run")
 
 
