@@ -141,6 +141,7 @@ def test_a_key_set_twice_is_refused():
     assert_named(str(e.value), "--set", "train.steps")
 
 
+@pytest.mark.parametrize("item", ["=\n", "\n=1", "data.grayscale=a\nb"])
 def test_a_bad_set_item_is_shown_on_one_line(item):
     with pytest.raises(config.ConfigError) as e:
         config.load(None, [item])
