@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny tile folders and a way to run the real scripts."""
+"""Shared fixtures: tiny tile folders, a way to run the real scripts, and the checks of
+what a user relies on when a script refuses (the facts, not the wording)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -59,3 +61,70 @@ def built(cfg):
     sess.run(g["init_op"])
     graph.finalize()
     return graph, g, sess
+
+
+# TensorFlow's own log lines (its C++ logging before absl is set up, its Python logger):
+# printed by a fresh process whatever TF_CPP_MIN_LOG_LEVEL says, and not the project's.
+TF_LOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl|"
+                    r"WARNING:tensorflow:")
+
+
+def _unnamed(text, names):
+    """The first of `names` that `text` does not name (a tuple: in its order), else None."""
+    for name in names:
+        at = 0
+        for part in name if isinstance(name, tuple) else (name,):
+            at = text.find(str(part), at)
+            if at < 0:
+                return name
+            at += len(str(part))
+    return None
+
+
+def assert_named(text, *names, unnamed=()):
+    """`text` names each of `names` and none of `unnamed`. A tuple in `names` is named in
+    its order, for where the order is the fact (a key, its old value, its new value)."""
+    missing = _unnamed(text, names)
+    assert missing is None, f"{missing!r} is not named in: {text}"
+    for name in unnamed:
+        assert str(name) not in text, f"{name!r} is named in: {text}"
+
+
+def _nothing_written(paths):
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        assert not os.path.exists(path), f"{path} was written"
+
+
+def assert_clear_error(code, stderr, *names, unnamed=(), listing=False, nothing_written=()):
+    """A script refused its input as promised: exit code 2; stderr is one `error: ` line
+    (TensorFlow's log lines aside: no traceback, no second message) naming each of `names`
+    and none of `unnamed` (see assert_named); no path of `nothing_written` exists.
+
+    listing=True: the line may be followed by an indented listing (one line per file and
+    its problem), where `names` may be named too."""
+    assert code == 2, f"exit code {code}:\n{stderr[-3000:]}"
+    lines = [line for line in stderr.splitlines() if line.strip() and not TF_LOG.match(line)]
+    assert lines and lines[0].startswith("error: "), stderr[-3000:]
+    assert all(listing and line.startswith("  ") for line in lines[1:]), stderr[-3000:]
+    assert_named("\n".join(lines), *names, unnamed=unnamed)
+    _nothing_written(nothing_written)
+
+
+def assert_usage_error(code, stderr, *names, unnamed=(), nothing_written=()):
+    """argparse refused the command line: exit code 2, no traceback, its one `error: `
+    line (after the usage) names each of `names` and none of `unnamed`; no path of
+    `nothing_written` exists."""
+    assert code == 2, f"exit code {code}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr[-3000:]
+    assert_named(errors[0], *names, unnamed=unnamed)
+    _nothing_written(nothing_written)
+
+
+def assert_said(lines, *names):
+    """One of `lines` (a list of notes, or printed text) names each of `names` (see
+    assert_named): what a note or a progress line promises, by its facts, not its wording."""
+    lines = lines.splitlines() if isinstance(lines, str) else lines
+    assert any(_unnamed(line, names) is None for line in lines), \
+        f"no line names all of {names}:\n" + "\n".join(lines)[-3000:]

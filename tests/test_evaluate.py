@@ -9,7 +9,7 @@ from PIL import Image
 import config as config_lib
 import data
 import evaluate
-from conftest import ROOT, run_script, write_tiles
+from conftest import ROOT, assert_clear_error, assert_named, assert_said, run_script, write_tiles
 
 SAMPLE = os.path.join(ROOT, "data")
 
@@ -22,7 +22,7 @@ def test_checkpoint_against_holdout_writes_every_number(smoke_run, tmp_path):
     r = json.loads(out.read_text())
     assert r["n"] == 64 and r["seed"] == 3 and r["checkpoint_step"] == 40
     assert r["image_size"] == 16  # the smoke model's size; reals were area-averaged to it
-    assert any("area-averaged to 16x16" in note for note in r["notes"])
+    assert_said(r["notes"], "real", "64 of 64", "16x16")
     assert set(r["swd_x1e3"]) == set(r["swd_real_baseline_x1e3"]) == {"16", "avg"}
     assert r["swd_set_size"] == 32  # fakes and baseline both compare halves of 32
     # The training set comes from the run's config; its manifest's holdout split is found.
@@ -67,30 +67,30 @@ def test_fewer_reals_than_n_uses_them_all_and_says_so(tmp_path, capsys):
                          "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["n"] == 12 and r["n_requested"] == 20
-    assert any("only 12 images" in note for note in r["notes"])
-    assert any("nearest-neighbour check skipped" in note for note in r["notes"])
+    assert_said(r["notes"], "real", "12 images", "-n 20")
+    assert_said(r["notes"], "--train")  # how to get the nearest-neighbour check
     assert "nn_fake_to_train" not in r
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--real", "no/such/folder", "--fake", SAMPLE], "does not exist"),
-    (["--real", SAMPLE, "--checkpoint", ROOT + "/configs"], "no checkpoint found"),
-    (["--real", SAMPLE + "/holdout:train", "--fake", SAMPLE], "plain folder"),
-    (["--real", SAMPLE + ":nosuchsplit", "--fake", SAMPLE], "no rows of split 'nosuchsplit'"),
+@pytest.mark.parametrize("args, names", [
+    (["--real", "no/such/folder", "--fake", SAMPLE], ["no/such/folder"]),
+    (["--real", SAMPLE, "--checkpoint", ROOT + "/configs"], [ROOT + "/configs", "checkpoint"]),
+    (["--real", SAMPLE + "/holdout:train", "--fake", SAMPLE],
+     [SAMPLE + "/holdout", ":train", "manifest.csv"]),
+    (["--real", SAMPLE + ":nosuchsplit", "--fake", SAMPLE],  # and the splits it has
+     [os.path.join(SAMPLE, "manifest.csv"), "nosuchsplit", "holdout", "train"]),
 ])
-def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
-    assert evaluate.cli(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+def test_user_errors_are_one_line_and_exit_2(args, names, capsys, tmp_path):
+    out = tmp_path / "eval.json"
+    assert_clear_error(evaluate.cli([*args, "--json", str(out)]), capsys.readouterr().err, *names,
+                       nothing_written=out)
 
 
 def test_fakes_too_small_for_the_metrics_are_one_error_line(tmp_path, capsys):
     tiny = write_tiles(str(tmp_path / "tiny"), 6, size=4)
-    assert evaluate.cli(["--real", SAMPLE, "--fake", tiny, "-n", "6"]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"error: --fake '{tiny}' holds images of 4 pixels a side; the metrics need at "
-                   f"least 8x8 (SWD compares 7x7 patches)\n")
+    code = evaluate.cli(["--real", SAMPLE, "--fake", tiny, "-n", "6"])
+    # the folder, the size of its images, then the least the metrics take
+    assert_clear_error(code, capsys.readouterr().err, "--fake", (tiny, "4", "8x8"))
 
 
 def test_threads_leave_a_core_free_by_default_and_reach_the_metrics(monkeypatch, tmp_path):
@@ -111,10 +111,10 @@ def test_threads_leave_a_core_free_by_default_and_reach_the_metrics(monkeypatch,
 
 def test_json_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate.os, "access", lambda path, mode: path != str(tmp_path))
-    assert evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE,
-                         "--json", str(tmp_path / "eval.json")]) == 2
-    assert capsys.readouterr().err == (f"error: --json: folder '{tmp_path}' is not writable; "
-                                       f"give another --json\n")
+    code = evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE,
+                         "--json", str(tmp_path / "eval.json")])
+    assert_clear_error(code, capsys.readouterr().err, "--json", tmp_path,
+                       nothing_written=tmp_path / "eval.json")
 
 
 def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
@@ -126,10 +126,8 @@ def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
 
 def test_json_naming_a_folder_is_refused_before_any_work(tmp_path, capsys):
     # --real does not exist either: the --json error coming first shows nothing was read.
-    assert evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE, "--json", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --json") and str(tmp_path) in err and "is a folder" in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code = evaluate.cli(["--real", "no/such/folder", "--fake", SAMPLE, "--json", str(tmp_path)])
+    assert_clear_error(code, capsys.readouterr().err, "--json", tmp_path)
     assert os.listdir(tmp_path) == []
 
 
@@ -141,14 +139,10 @@ def test_unusable_reals_say_what_to_do_with_real(smoke_run, tmp_path, capsys):
         Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(gray / f"{i}.png")
     write_tiles(str(broken), 4, size=16)
     (broken / "tile-0003.png").write_bytes(b"not a png")
-    for real, hint in ((gray, "give --real colour images"),
-                       (broken, "1 cannot be read; remove or replace them in --real")):
-        assert evaluate.cli(["--real", str(real), "--checkpoint", smoke_run, "-n", "4"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: 4 of 4 real images" if real == gray else
-                              "error: 1 of 4 real images") and hint in err
-        assert "data.grayscale" not in err and "data.bad_files" not in err
-        assert "Traceback" not in err
+    for real, names in ((gray, ["4 of 4", "0.png"]), (broken, ["1 of 4", "tile-0003.png"])):
+        code = evaluate.cli(["--real", str(real), "--checkpoint", smoke_run, "-n", "4"])
+        assert_clear_error(code, capsys.readouterr().err, "--real", real, *names,
+                           unnamed=["data.grayscale", "data.bad_files"], listing=True)
 
 
 def test_reals_of_a_load_size_run_are_windows_at_its_resolution(tmp_path):
@@ -161,10 +155,12 @@ def test_reals_of_a_load_size_run_are_windows_at_its_resolution(tmp_path):
     for tile, window in zip(tiles32, reals):
         assert any(np.array_equal(tile[r:r + 16, c:c + 16], window)
                    for r in range(17) for c in range(17))
-    assert any("window" in note for note in notes) and any("to 32x32" in note for note in notes)
+    assert_said(notes, "real", "16x16", "32x32", "data.load_size")  # windows of what size
+    assert_said(notes, "real", "6 of 6", "32x32")  # area-averaged to the run's load_size
     too_big = 128
-    with pytest.raises(evaluate.EvalError, match="smaller than the 128x128 the run trained on"):
+    with pytest.raises(evaluate.EvalError) as e:
         evaluate.load_set(folder, "real", 16, load_size=too_big)
+    assert_named(str(e.value), "real", ("64x64", "128x128"))  # theirs, then the run's
 
 
 def test_set_syntax():
@@ -203,5 +199,5 @@ def test_fakes_of_mixed_sizes_are_judged_at_the_smallest_whatever_the_order(tmp_
         notes = []
         tiles, _ = evaluate.load_set(str(fakes), "fake", None, notes=notes)
         assert tiles.shape == (9, 16, 16, 3)
-        assert "fake: 5 of 9 images area-averaged to 16x16 to match the smallest fakes" in notes
-        assert "fake: 1 of 9 images not square; their centred square is used" in notes
+        assert_said(notes, "fake", "5 of 9", "16x16")  # shrunk to the smallest
+        assert_said(notes, "fake", "1 of 9", "square")  # cut to a square

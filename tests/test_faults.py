@@ -33,7 +33,7 @@ import config
 import gan
 import runs
 import train
-from conftest import ROOT, write_tiles
+from conftest import ROOT, assert_clear_error, assert_said, write_tiles
 
 tf1 = tf.compat.v1
 SMOKE = os.path.join(ROOT, "configs", "smoke.json")
@@ -249,19 +249,6 @@ def newest_readable(ckpt_dir):
     return next((s for s in steps if readable(os.path.join(ckpt_dir, f"model-{s}"))), None)
 
 
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_clear_error(stderr, *names):
-    """One `error:` line naming every one of `names`, and no traceback."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = error_lines(stderr)
-    assert len(errors) == 1, stderr[-3000:]
-    for name in names:
-        assert name in errors[0], (name, errors[0])
-
-
 def wait_until(condition, proc, what, timeout=90):
     deadline = time.time() + timeout
     while not condition():
@@ -360,8 +347,8 @@ def test_kill_9_at_any_moment_then_resume_continues_exactly(start, tiles16, trai
     proc = start("--resume", run, "--set", f"train.steps={last}",
                  "--set", "train.checkpoint_every=5")
     assert proc.wait() == 0, proc.output()
-    assert f"resumed {os.path.join(ckpt_dir, f'model-{expected}')} at step {expected}" in \
-        proc.read("stdout")
+    assert_said(proc.read("stdout"), os.path.join(ckpt_dir, f"model-{expected}"),
+                f"step {expected}")
 
     records = read_log_lines(run)
     assert len(records) == len(runs.read_log(os.path.join(run, "log.jsonl")))  # nothing torn
@@ -411,7 +398,7 @@ def test_newest_checkpoint_skips_incomplete_ones(trained_run, tmp_path):
     for step in range(21, 27):
         assert runs.checkpoint_problem(os.path.join(ckpt, f"model-{step}")), step
     assert runs.resolve_checkpoint(run)[0] == os.path.join(ckpt, "model-20")
-    with pytest.raises(runs.RunError, match="model-21' is incomplete"):
+    with pytest.raises(runs.RunError, match="model-21"):
         runs.resolve_checkpoint(os.path.join(ckpt, "model-21"))
 
     runs.remove_leftovers(ckpt)
@@ -424,8 +411,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(start, trained_ru
     run = str(tmp_path / "run")
     killed_before_its_first_checkpoint(run)
     proc = start("--resume", run)
-    assert proc.wait() == 2
-    assert_clear_error(proc.read("stderr"), "no checkpoint found", f"--out {run}")
+    # what to do: the command that starts it again
+    assert_clear_error(proc.wait(), proc.read("stderr"), f"--config {run}/config.json",
+                       f"--out {run}", nothing_written=os.path.join(run, "lock"))
     # trained_run was started with --config --out in such a folder: a new log, no leftovers.
     assert [r["step"] for r in read_log_lines(trained_run)] == list(range(1, 21))
     assert not os.path.exists(os.path.join(trained_run, "checkpoints", "model-5.state.npz"))
@@ -436,11 +424,11 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(start, trained_ru
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(faulty_resumes):
     """Learning rates of 1e30 (allowed on resume) make every loss NaN in one step."""
     run, proc = faulty_resumes["nan"]
-    assert proc.wait() == 2, proc.output()
-    stderr = proc.read("stderr")
-    assert_clear_error(stderr, "step 21:", "became nan", "model-20", "--resume")
-
     ckpt = os.path.join(run, "checkpoints")
+    assert_clear_error(proc.wait(), proc.read("stderr"), "step 21", "nan",
+                       os.path.join(ckpt, "model-20"), "train.lr_disc", "train.lr_gen",
+                       f"--resume {run}")
+
     assert runs.resolve_checkpoint(run)[0] == os.path.join(ckpt, "model-20")
     assert readable(os.path.join(ckpt, "model-20"))
     assert not [n for n in os.listdir(ckpt) if n.startswith("model-21")]
@@ -456,10 +444,10 @@ def test_a_failed_checkpoint_write_stops_and_keeps_the_older_ones(fault, faulty_
     """Disk full: the data file's write fails. Path blocked: the Saver's rename of the
     index fails after the data file was written."""
     run, proc = faulty_resumes[fault]
-    assert proc.wait() == 2, proc.output()
-    assert_clear_error(proc.read("stderr"), "step 25", "model-25", "failed", f"--resume {run}")
-
     ckpt = os.path.join(run, "checkpoints")
+    assert_clear_error(proc.wait(), proc.read("stderr"), "step 25",
+                       os.path.join(ckpt, "model-25"), f"--resume {run}")
+
     for step in (10, 15, 20):
         assert readable(os.path.join(ckpt, f"model-{step}"))
     state = tf.train.get_checkpoint_state(ckpt)  # TF's index: whole, naming the older ones
@@ -583,10 +571,8 @@ def test_a_bad_config_is_one_clear_error_before_anything_is_written(what, bad, n
                                                                      tiles16, tmp_path):
     run = tmp_path / "run"
     proc = start(*_bad_config_args(bad, tiles16, str(tmp_path)), "--out", run)
-    assert proc.wait() == 2, proc.output()
-    assert_clear_error(proc.read("stderr"), name)
+    assert_clear_error(proc.wait(), proc.read("stderr"), name, nothing_written=run)
     assert "model:" not in proc.read("stdout")  # stopped before the graph was built
-    assert not run.exists()
 
 
 def test_a_bad_config_through_the_real_script(tiles16, tmp_path):
@@ -597,9 +583,7 @@ def test_a_bad_config_through_the_real_script(tiles16, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
                            *_bad_config_args(bad, tiles16, str(tmp_path)), "--out", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert_clear_error(proc.stderr, name)
-    assert not run.exists()
+    assert_clear_error(proc.returncode, proc.stderr, name, nothing_written=run)
 
 
 # ---------------------------------------------------------------- 7: resume mismatches
@@ -607,9 +591,8 @@ def test_a_bad_config_through_the_real_script(tiles16, tmp_path):
 def test_resume_refuses_changed_architecture_naming_every_key(start, trained_run):
     proc = start("--resume", trained_run, "--set", "model.z_dim=32", "--set", "model.kernel=5",
                  "--set", "train.history_size=32")
-    assert proc.wait() == 2
-    assert_clear_error(proc.read("stderr"), "model.z_dim: 16 -> 32", "model.kernel: 3 -> 5",
-                       "train.history_size: 64 -> 32")
+    assert_clear_error(proc.wait(), proc.read("stderr"), trained_run, ("model.z_dim", "16", "32"),
+                       ("model.kernel", "3", "5"), ("train.history_size", "64", "32"))
     assert len(read_log_lines(trained_run)) == 20  # the run is untouched
 
 
@@ -634,7 +617,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(faulty_resume
     run, proc = faulty_resumes["safe changes"]
     assert proc.wait() == 0, proc.output()
     ckpt = os.path.join(run, "checkpoints")
-    assert "moved the checkpoints after step 15 (model-20)" in proc.read("stdout")
+    assert_said(proc.read("stdout"), "model-20", "step 15", os.path.join(ckpt, "after-step-15"))
     assert readable(os.path.join(ckpt, "after-step-15", "model-20"))
     assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == \
         ["model-10.index", "model-15.index", "model-17.index"]  # the new line, newest 3
@@ -664,8 +647,7 @@ def test_resuming_twice_from_one_checkpoint_keeps_both_abandoned_continuations(
     aside = os.path.join(first, "model-20")
     assert runs.resolve_checkpoint(aside) == (aside, run)
     proc = start("--resume", aside)
-    assert proc.wait() == 2, proc.output()
-    assert_clear_error(proc.read("stderr"), "model-20", "set aside")
+    assert_clear_error(proc.wait(), proc.read("stderr"), aside, "generate.py", "evaluate.py")
 
 
 def test_a_best_checkpoint_of_the_abandoned_steps_is_set_aside_with_them(tmp_path):
@@ -698,16 +680,17 @@ def test_resume_refuses_a_checkpoint_of_another_net_before_moving_anything(start
         json.dump(saved, f)
     before = sorted(os.listdir(os.path.join(run, "checkpoints")))
     proc = start("--resume", os.path.join(run, "checkpoints", "model-10"))
-    assert proc.wait() == 2, proc.output()
-    assert_clear_error(proc.read("stderr"), "model-10", "was not trained with the model",
-                       "generator/project/w")
+    assert_clear_error(proc.wait(), proc.read("stderr"),
+                       os.path.join(run, "checkpoints", "model-10"),
+                       os.path.join(run, "config.json"), "generator/project/w")
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before
 
 
 def test_resume_of_a_finished_run_says_there_is_nothing_to_train(start, trained_run):
     proc = start("--resume", trained_run)
-    assert proc.wait() == 2, proc.output()
-    assert_clear_error(proc.read("stderr"), "model-20", "step 20", "train.steps")
+    assert_clear_error(proc.wait(), proc.read("stderr"),
+                       os.path.join(trained_run, "checkpoints", "model-20"), "step 20",
+                       "--set train.steps=")
     assert len(read_log_lines(trained_run)) == 20  # the run is untouched
 
 
@@ -726,14 +709,14 @@ def test_a_run_folder_must_not_be_a_file_nor_inside_the_tiles_nor_hold_other_fil
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.symlink(elsewhere, os.path.join(tiles, "linked"))  # its images are read as tiles too
-    for out, names in ((a_file, ["notes.txt", "is a file"]),
-                       (os.path.join(tiles, "run"), ["inside data.path", "--out"]),
-                       (elsewhere / "run", ["inside data.path", "--out"]),
-                       (mine, ["holds files that are not a run's (notes.txt)", "new or empty"]),
-                       (theirs, ["holds files that are not a run's (config.json)"])):
+    for out, names, unnamed in ((a_file, [], []),
+                                (os.path.join(tiles, "run"), ["data.path", tiles], []),
+                                (elsewhere / "run", ["data.path", tiles], []),
+                                (mine, ["notes.txt"], ["config.json"]),  # a run's file name
+                                (theirs, ["config.json"], [])):
         proc = start(*smoke(tiles), "--out", out)
-        assert proc.wait() == 2, proc.output()
-        assert_clear_error(proc.read("stderr"), *names)
+        assert_clear_error(proc.wait(), proc.read("stderr"), out, "--out", *names,
+                           unnamed=unnamed)
     assert a_file.read_text() == "not a folder"
     assert sorted(os.listdir(tiles)) == sorted(os.listdir(tiles16) + ["linked"])
     assert os.listdir(elsewhere) == []  # nothing written
@@ -750,9 +733,8 @@ def test_a_live_run_holds_its_folder(start, trained_run, tmp_path):
     try:
         for args in (["--resume", run], ["--config", SMOKE, "--out", run]):
             proc = start(*args)
-            assert proc.wait() == 2
-            assert_clear_error(proc.read("stderr"), "being written by another training process",
-                               f"pid {holder}")
+            assert_clear_error(proc.wait(), proc.read("stderr"), run, f"pid {holder}",
+                               os.path.join(run, "lock"))
     finally:
         os.kill(holder, signal.SIGKILL)
         os.waitpid(holder, 0)
@@ -763,7 +745,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_even_before_it_is_reaped(faulty_
     zombie = faulty_resumes["zombie"]
     assert proc.wait() == 2, proc.output()  # it ran: the NaN guard stopped it, not the lock
     assert process_state(zombie) == "Z"
-    assert f"took over the stale lock of process {zombie}" in proc.read("stdout")
+    assert_said(proc.read("stdout"), "lock", zombie)
     assert not os.path.exists(os.path.join(run, "lock"))
 
 

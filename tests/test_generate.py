@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_script, write_tiles
+from conftest import ROOT, assert_clear_error, assert_usage_error, run_script, write_tiles
 
 import data
 import sampling
@@ -23,10 +23,6 @@ import generate
 
 SEED = 7
 SIZE = 16  # configs/smoke.json model.image_size
-
-
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +134,8 @@ def test_a_huge_batch_size_is_cut_to_what_the_mode_makes(mode, batch, tmp_path):
 def test_a_picture_too_large_for_memory_is_refused_up_front(mode, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         generate.parse_args(["--checkpoint", str(tmp_path), *mode, "--out", str(tmp_path / "o")])
-    assert stop.value.code == 2 and "pictures in one image; at most 4,096" in capsys.readouterr().err
+    # the two options whose product is too large, and the most one picture holds
+    assert_usage_error(stop.value.code, capsys.readouterr().err, mode[-4], mode[-2], "4,096")
 
 
 def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
@@ -249,10 +246,9 @@ def test_too_few_real_tiles_is_a_clear_error(smoke_run, tmp_path, capsys):
     few = write_tiles(str(tmp_path / "few"), 5, size=SIZE)
     code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", few,
                          "--out", str(tmp_path / "q"), "--threads", "1"])
-    err = capsys.readouterr().err
-    assert code == 2 and error_lines(err) == err.strip().splitlines()
-    assert "holds 5 real tiles" in err and "needs 20" in err
-    assert not os.path.exists(tmp_path / "q" / "quiz.png")
+    # the folder, the tiles it holds, the tiles the quiz needs, and what to do
+    assert_clear_error(code, capsys.readouterr().err, (few, "5", "20"), "--rows", "--cols",
+                       nothing_written=tmp_path / "q" / "quiz.png")
 
 
 # ---------------------------------------------------------------- interpolation
@@ -309,25 +305,25 @@ def test_saved_model_reproduces_generate_in_a_fresh_process(gen, modes):
 def test_an_export_it_cannot_write_is_one_error_line(smoke_run, tmp_path, capsys):
     (tmp_path / "a_file").write_text("mine")
     code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path / "a_file" / "sub")])
-    assert code == 2 and error_lines(capsys.readouterr().err) == [
-        f"error: --export '{tmp_path / 'a_file' / 'sub'}' cannot be written: "
-        f"{tmp_path / 'a_file'} is not a directory"]
+    # the folder asked for, then the file in its way
+    assert_clear_error(code, capsys.readouterr().err,
+                       ("--export", tmp_path / "a_file" / "sub", tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("mode", [["-n", "2"], ["--interpolate"]])
 def test_an_out_it_cannot_write_is_one_error_line(smoke_run, tmp_path, capsys, mode):
     (tmp_path / "a_file").write_text("mine")
     code = generate.cli(["--checkpoint", smoke_run, *mode, "--out", str(tmp_path / "a_file" / "sub")])
-    assert code == 2 and error_lines(capsys.readouterr().err) == [
-        f"error: [Errno 20] Not a directory: '{tmp_path / 'a_file' / 'sub'}'"]
+    assert_clear_error(code, capsys.readouterr().err, tmp_path / "a_file" / "sub")
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_export_refuses_a_folder_in_use(smoke_run, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2 and "not empty" in err and os.listdir(tmp_path) == ["keep.txt"]
+    assert_clear_error(code, capsys.readouterr().err, "--export", tmp_path)
+    assert os.listdir(tmp_path) == ["keep.txt"]
 
 
 def test_help_says_how_to_load_the_export(capsys):
@@ -344,15 +340,15 @@ def test_negative_seed_is_a_usage_error(mode, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         generate.cli(["--checkpoint", str(tmp_path), *mode, "--seed", "-1",
                       "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "--seed must be >= 0" in err and "Traceback" not in err
-    assert not os.path.exists(tmp_path / "o")
+    assert_usage_error(exit_.value.code, capsys.readouterr().err, "--seed", "-1",
+                       nothing_written=tmp_path / "o")
 
 
 def test_a_count_below_one_names_the_flag_as_typed(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         generate.cli(["--checkpoint", str(tmp_path), "-n", "0", "--out", str(tmp_path / "o")])
-    assert exit_.value.code == 2 and "error: -n must be >= 1, got 0" in capsys.readouterr().err
+    assert_usage_error(exit_.value.code, capsys.readouterr().err, "-n", "0", unnamed=["--n"],
+                       nothing_written=tmp_path / "o")
 
 
 def test_problems_with_real_tiles_say_what_to_do_with_real(smoke_run, tmp_path, capsys):
@@ -361,27 +357,21 @@ def test_problems_with_real_tiles_say_what_to_do_with_real(smoke_run, tmp_path, 
     gray.mkdir()
     for i in range(2):
         Image.fromarray(np.full((SIZE, SIZE), 40 * i, np.uint8)).save(gray / f"{i}.png")
-    for real, hint in ((gray, "give --real colour images"),
-                       (tmp_path / "missing", "give --real a folder of tiles")):
+    for real in (gray, tmp_path / "missing"):
         code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", str(real),
                              "--out", str(tmp_path / "q"), "--threads", "1"])
-        err = capsys.readouterr().err
-        assert code == 2 and err.startswith("error: ") and "Traceback" not in err
-        assert len(error_lines(err)) == 1 and hint in err and str(real) in err
-        assert "data.grayscale" not in err and "data.path" not in err
-    assert not os.path.exists(tmp_path / "q" / "quiz.png")
+        assert_clear_error(code, capsys.readouterr().err, "--real", real,
+                           unnamed=["data.grayscale", "data.path"], listing=True,
+                           nothing_written=tmp_path / "q" / "quiz.png")
 
 
 def test_missing_checkpoint_is_one_clear_line(smoke_run, tmp_path, capsys):
     missing = os.path.join(smoke_run, "checkpoints", "model-999")
     code = generate.cli(["--checkpoint", missing, "-n", "2", "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2 and error_lines(err) == err.strip().splitlines() and len(error_lines(err)) == 1
-    assert "model-999" in err and "does not exist" in err
-    assert not os.path.exists(tmp_path / "o")
+    assert_clear_error(code, capsys.readouterr().err, missing, nothing_written=tmp_path / "o")
     index = os.path.join(smoke_run, "checkpoints", "checkpoint")  # TensorFlow's index file
-    assert generate.cli(["--checkpoint", index, "-n", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "is a file, not a checkpoint" in capsys.readouterr().err
+    code = generate.cli(["--checkpoint", index, "-n", "2", "--out", str(tmp_path / "o")])
+    assert_clear_error(code, capsys.readouterr().err, index, nothing_written=tmp_path / "o")
 
 
 def test_other_architecture_is_one_clear_line(smoke_run, tmp_path, capsys):
@@ -392,13 +382,11 @@ def test_other_architecture_is_one_clear_line(smoke_run, tmp_path, capsys):
     (copy / "config.json").write_text(json.dumps(cfg))
     code = generate.cli(["--checkpoint", str(copy / "checkpoints" / "model-40"), "-n", "2",
                          "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2 and error_lines(err) == err.strip().splitlines() and len(error_lines(err)) == 1
     m = cfg["model"]
     saved_shape = [m["z_dim"], 4 * 4 * m["gen_filters"] // 2]
-    assert str(copy / "config.json") in err
-    assert f"generator/project/w is {saved_shape} in the checkpoint" in err
-    assert not os.path.exists(tmp_path / "o")
+    # the config that does not fit, and a variable with the shape the checkpoint holds
+    assert_clear_error(code, capsys.readouterr().err, copy / "config.json",
+                       ("generator/project/w", saved_shape), nothing_written=tmp_path / "o")
 
 
 def test_real_takes_path_colon_split_like_evaluate(smoke_run, tmp_path, capsys):
@@ -410,11 +398,12 @@ def test_real_takes_path_colon_split_like_evaluate(smoke_run, tmp_path, capsys):
     assert answer["real_source"] == sample and answer["split"] == "train"
     code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", f"{sample}:train",
                          "--split", "holdout", "--out", str(tmp_path / "quiz2")])
-    assert code == 2 and "names split 'train' and --split 'holdout' another" in capsys.readouterr().err
+    assert_clear_error(code, capsys.readouterr().err, "--real", ("--split", "holdout"),
+                       "'train'", nothing_written=tmp_path / "quiz2" / "quiz.png")
 
 
 def test_export_onto_a_file_says_it_is_a_file(smoke_run, tmp_path, capsys):
     (tmp_path / "gen").write_text("mine")
     code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path / "gen")])
-    assert code == 2 and "is a file; give a new folder" in capsys.readouterr().err
+    assert_clear_error(code, capsys.readouterr().err, "--export", tmp_path / "gen")
     assert (tmp_path / "gen").read_text() == "mine"

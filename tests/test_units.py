@@ -7,7 +7,7 @@ import pytest
 
 import config
 from history_cache import HistoryCache
-from conftest import ROOT
+from conftest import ROOT, assert_named
 from gan import choose_path, history_count, use_history
 
 
@@ -101,41 +101,44 @@ def test_json_then_set_overrides(tmp_path):
     assert c.data.path == "/x y" and c.train.lr_disc == 3e-4
 
 
-@pytest.mark.parametrize("item, message", [
-    ("train.stepz=3", "unknown config key 'train.stepz'"),
-    ("trian.steps=3", "unknown config section 'trian'"),
-    ("train.steps=abc", "'train.steps' expects int"),
-    ("train.steps=2.5", "'train.steps' expects int"),
-    ("model.gen_leaky=maybe", "'model.gen_leaky' expects bool"),
-    ("train.steps", "section.key=value"),
-    ("train.batch_size=0", "'train.batch_size' must be > 0"),
-    ("train.lr_gen=0", "'train.lr_gen' must be > 0"),
-    ("train.steps=-5", "'train.steps' must be > 0"),
-    ("model.image_size=48", "power of two"),
-    ("model.gen_filters=100", "divisible by 16"),
-    ("train.history_prob=1.5", "within 0..1"),
-    ("data.grayscale=keep", "must be one of error, convert"),
-    ("data.load_size=32", "or >= model.image_size 64, got 32"),
-    ("data.load_size=-1", "'data.load_size' must be >= 0"),
-    ("train.lr_gen=nan", "'train.lr_gen' must be a finite number, got nan"),
-    ("train.beta1=1", "'train.beta1' must be at least 0 and below 1"),
-    ("model.leaky_slope=-1", "'model.leaky_slope' must be at least 0 and below 1"),
-    ("model.channels=1", "'model.channels' must be 3"),
+@pytest.mark.parametrize("item, names", [  # the key, the value given, what would do
+    ("train.stepz=3", ["train.stepz", "steps"]),
+    ("trian.steps=3", ["trian", "train"]),
+    ("train.steps=abc", ["train.steps", "int", "abc"]),
+    ("train.steps=2.5", ["train.steps", "int", "2.5"]),
+    ("model.gen_leaky=maybe", ["model.gen_leaky", "bool", "maybe"]),
+    ("train.steps", ["train.steps", "section.key=value"]),
+    ("train.batch_size=0", ["train.batch_size", "0"]),
+    ("train.lr_gen=0", ["train.lr_gen", "0"]),
+    ("train.steps=-5", ["train.steps", "-5"]),
+    ("model.image_size=48", ["model.image_size", "48"]),
+    ("model.gen_filters=100", ["model.gen_filters", "100", "16"]),
+    ("train.history_prob=1.5", ["train.history_prob", "1.5"]),
+    ("data.grayscale=keep", ["data.grayscale", "keep", "error", "convert"]),
+    ("data.load_size=32", ["data.load_size", "32", "model.image_size", "64"]),
+    ("data.load_size=-1", ["data.load_size", "-1"]),
+    ("train.lr_gen=nan", ["train.lr_gen", "nan"]),
+    ("train.beta1=1", ["train.beta1"]),
+    ("model.leaky_slope=-1", ["model.leaky_slope", "-1"]),
+    ("model.channels=1", ["model.channels", "1", "3"]),
 ])
-def test_bad_overrides_name_the_key(item, message):
-    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
+def test_bad_overrides_name_the_key(item, names):
+    with pytest.raises(config.ConfigError) as e:
         config.load(None, [item])
+    assert_named(str(e.value), *names)
 
 
 def test_evaluations_need_four_images():
-    with pytest.raises(config.ConfigError, match=r"'train\.eval_images' must be at least 4"):
+    with pytest.raises(config.ConfigError) as e:
         config.load(None, ["train.eval_every=5", "train.eval_images=2"])
+    assert_named(str(e.value), "train.eval_images", "2", "4", "train.eval_every")
     assert config.load(None, ["train.eval_images=2"]).train.eval_images == 2  # evaluations off
 
 
 def test_a_key_set_twice_is_refused():
-    with pytest.raises(config.ConfigError, match=r"--set gives 'train\.steps' twice"):
+    with pytest.raises(config.ConfigError) as e:
         config.load(None, ["train.steps=3", "train.lr_gen=1e-3", "train.steps=4"])
+    assert_named(str(e.value), "--set", "train.steps")
 
 
 @pytest.mark.parametrize("item", ["=\n", "\n=1", "data.grayscale=a\nb"])
@@ -148,14 +151,17 @@ def test_a_bad_set_item_is_shown_on_one_line(item):
 
 
 def test_bad_files_name_the_file(tmp_path):
-    with pytest.raises(config.ConfigError, match="does not exist"):
+    with pytest.raises(config.ConfigError) as e:
         config.load(str(tmp_path / "missing.json"))
+    assert_named(str(e.value), tmp_path / "missing.json", "configs/")  # and where configs are
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(config.ConfigError, match="not valid JSON"):
+    with pytest.raises(config.ConfigError) as e:
         config.load(str(tmp_path / "bad.json"))
+    assert_named(str(e.value), tmp_path / "bad.json", "line 1")  # where the JSON breaks
     (tmp_path / "key.json").write_text('{"model": {"filters": 3}}')
-    with pytest.raises(config.ConfigError, match="'model.filters'"):
+    with pytest.raises(config.ConfigError) as e:
         config.load(str(tmp_path / "key.json"))
+    assert_named(str(e.value), "model.filters", "gen_filters")  # the key, and the keys there are
 
 
 @pytest.mark.parametrize("name", ["article", "cpu", "smoke"])
