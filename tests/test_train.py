@@ -13,6 +13,7 @@ import tensorflow as tf
 import config
 import gan
 import data
+import device
 import sampling
 import runs
 import train
@@ -417,9 +418,9 @@ def test_regulariser_is_part_of_what_the_optimisers_minimise():
 def test_thread_limits_come_from_the_config():
     cfg = tiny_cfg()
     cfg.run.threads = 0
-    assert gan.session_config(cfg).intra_op_parallelism_threads == config.default_threads()
+    assert device.session_config(device.plan("cpu", cfg)).intra_op_parallelism_threads == config.default_threads()
     cfg.run.threads = 1
-    assert gan.session_config(cfg).intra_op_parallelism_threads == 1
+    assert device.session_config(device.plan("cpu", cfg)).intra_op_parallelism_threads == 1
 
 
 def test_d_step_trains_d_on_the_generated_batch_it_returns():
