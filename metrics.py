@@ -11,9 +11,9 @@ Each metric answers one question a loss curve cannot:
 import time
 
 import numpy as np
-import tensorflow as tf
 
-import device
+import device  # before TensorFlow: it holds back TensorFlow's benign start-up notices
+import tensorflow as tf
 
 tf1 = tf.compat.v1
 

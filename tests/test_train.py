@@ -92,6 +92,8 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
     proc = run_script("train.py", "--resume", run, "--set", "train.steps=40", check=True)
     assert "resumed" in proc.stdout and "step 20" in proc.stdout
     assert "remapper failed" not in proc.stderr  # no alarming TensorFlow error on a good run
+    assert "cuInit" not in proc.stderr and "cudart_stub" not in proc.stderr  # nor a GPU notice
+    assert "device: CPU" in proc.stdout
 
     whole, halves = steps_of(read_log(smoke_run)), read_log(run)
     assert [r["event"] for r in halves if "event" in r] == ["resume"]
