@@ -74,6 +74,10 @@ class RunConfig:
     inter_op_threads: int = 1      # independent ops run at once
     mixed_precision: str = "none"  # "none" (float32), "bf16" (CPU oneDNN rewrite), "fp16" (GPU, loss scaling)
     xla: bool = False              # XLA JIT compilation of the graph (for GPUs)
+    device: str = "auto"           # what runs the graph: "auto" (a GPU when TensorFlow sees one),
+                                   # "cpu" (even on a GPU machine), "gpu" (an error without one)
+    deterministic: bool = False    # TensorFlow's deterministic kernels: exact resume on a GPU too
+                                   # (a CPU's already are); slower on a GPU
 
 
 @dataclass
@@ -93,6 +97,7 @@ CHOICES = {
     "model.z_dist": ("uniform", "normal"),
     "model.upsample": ("transposed", "resize"),
     "run.mixed_precision": ("none", "bf16", "fp16"),
+    "run.device": ("auto", "cpu", "gpu"),
 }
 
 # Keys that change the shape or meaning of the checkpointed graph, or of the

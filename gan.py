@@ -5,14 +5,11 @@ Shared by train.py and bench.py: `build_graph` builds every op of a run once
 measures D on the current batch, updates D along path A or B, updates G
 twice, then fetches the losses in a run of their own (Lessons 15, 39).
 """
-import os
-
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import rewriter_config_pb2
 
-import config as config_lib
 import data
+import device
 import model
 from sampling import sample_latents, to_u8, to_u8_op
 
@@ -40,8 +37,12 @@ def history_count(batch_size, fraction):
     return int(round(batch_size * fraction))
 
 
-def build_graph(cfg):
-    """Every op of the run, built once; returns a dict of the tensors the loop uses."""
+def build_graph(cfg, plan=None):
+    """Every op of the run, built once; returns a dict of the tensors the loop uses.
+
+    `plan` (device.plan) chooses the device's layer forms; a CPU's by default.
+    """
+    plan = plan or device.plan("cpu", cfg)
     m, t = cfg.model, cfg.train
     B, S = t.batch_size, m.image_size
     g = {}
@@ -58,13 +59,19 @@ def build_graph(cfg):
     to_signed = lambda u8: tf.image.convert_image_dtype(u8, tf.float32) * 2.0 - 1.0  # Lesson 29
     reals = to_signed(g["reals_u8_in"])  # [B, S, S, C] in -1..1
     g["reals_in"] = reals
-    kw = dict(vars(m))
+    kw = {**vars(m), **plan.model_kwargs()}
     g["fakes_out"] = model.generator(g["z_in"], g["is_training_in"], **kw)  # [B, S, S, C]
     g["fakes_u8_out"] = to_u8_op(g["fakes_out"])  # the pixels sampling.to_u8 gives
+    with tf.name_scope("Inputs"):
+        # D's updates are fed the fakes its measurement drew (train_step); G's updates
+        # take them from G. A float32 input of its own: the float16 rewrite retypes
+        # G's output op, never this one, so the fed values always fit it.
+        g["fakes_in"] = tf1.placeholder_with_default(g["fakes_out"], [B, S, S, m.channels],
+                                                     "fakes_in")
 
     # Lesson 33-35: cached fakes, stored as uint8 like the reals, replace part of the fake half.
     mask = g["history_mask_in"][:, None, None, None]
-    fakes_for_d = g["fakes_out"] * (1.0 - mask) + to_signed(g["history_u8_in"]) * mask
+    fakes_for_d = g["fakes_in"] * (1.0 - mask) + to_signed(g["history_u8_in"]) * mask
 
     # Lesson 38: one D call on one batch of reals and fakes; losses on its halves.
     logits = model.discriminator(tf.concat([reals, fakes_for_d], 0), g["is_training_in"], **kw)
@@ -203,7 +210,7 @@ def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None):
     fakes, real_acc, fake_acc = sess.run(
         [g["fakes_out"], g["d_real_acc"], g["d_fake_acc"]], feed)
     path = force_path or choose_path(real_acc, fake_acc)
-    d_feed = {**feed, g["fakes_out"]: fakes}
+    d_feed = {**feed, g["fakes_in"]: fakes}
 
     # Update D: maximize log(D(x)) + log(1 - D(G(z))), its halves apart on path A.
     if path == "A":
@@ -225,49 +232,3 @@ def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None):
     record.update(path=path, d_real_acc=float(real_acc), d_fake_acc=float(fake_acc),
                   history_used=bool(history_used))
     return record, fakes
-
-
-# ---------------------------------------------------------------- the session
-
-# Batch norm stays float32 under the bf16 rewrite: normalising in bf16 trained
-# to a worse SWD than float32 on every seed tried (README "Performance").
-BF16_FLOAT32_OPS = ("FusedBatchNormV3", "FusedBatchNormGradV3")
-AMP_LISTS = "TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_"
-
-
-def keep_float32(ops):
-    """Move `ops` from the mixed-precision rewrite's infer list to its deny list.
-
-    TensorFlow reads these variables whenever it rewrites a graph, so they hold
-    for every later session of this process; values already set are kept.
-    """
-    for suffix in ("INFERLIST_REMOVE", "DENYLIST_ADD"):
-        have = [op for op in os.environ.get(AMP_LISTS + suffix, "").split(",") if op]
-        os.environ[AMP_LISTS + suffix] = ",".join(have + [op for op in ops if op not in have])
-
-
-def session_config(cfg):
-    """Threads (Lesson 28), precision and JIT for the session that runs the graph.
-
-    Mixed precision is a graph rewrite: variables, batch norm and losses stay
-    float32, convolutions and matrix products run in bf16/fp16.
-    """
-    threads = cfg.run.threads or config_lib.default_threads()  # Lesson 28
-    proto = tf1.ConfigProto(intra_op_parallelism_threads=threads,
-                            inter_op_parallelism_threads=cfg.run.inter_op_threads)
-    proto.gpu_options.allow_growth = True  # share a GPU instead of taking all its memory
-    rewrite = proto.graph_options.rewrite_options
-    # Grappler's remapper fuses D's first conv, bias and leaky ReLU though the
-    # gradient still reads the bias output; it then logs "remapper failed" and
-    # leaves the graph as it was. Off, the graph runs the same, without the error.
-    rewrite.remapping = rewriter_config_pb2.RewriterConfig.OFF
-    if cfg.run.mixed_precision == "bf16":
-        keep_float32(BF16_FLOAT32_OPS)
-        rewrite.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
-    elif cfg.run.mixed_precision == "fp16":
-        # The rewrite casts to float16 on GPUs only; on a CPU the loss-scaled graph
-        # runs in float32 (TF's CPU float16 emulation crashes on this graph).
-        rewrite.auto_mixed_precision = rewriter_config_pb2.RewriterConfig.ON
-    if cfg.run.xla:
-        proto.graph_options.optimizer_options.global_jit_level = tf1.OptimizerOptions.ON_1
-    return proto

@@ -21,8 +21,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
+
+import device  # first of the TensorFlow importers: it holds back TensorFlow's benign notices
+import tensorflow as tf
 
 import config as config_lib
 from cli import run_main
@@ -289,7 +291,8 @@ def export_saved_model(prefix, run_dir, cfg, export_dir, step):
         scope = sampling.weights_scope(cfg)
         images_out = sampling.inference_images(z_in, m, scope)  # [None, S, S, 3] uint8
         signature = tf1.saved_model.predict_signature_def({"z": z_in}, {"images": images_out})
-        with tf1.Session(graph=graph) as sess:
+        # Restored and written, never run: the CPU's session, whatever the machine has.
+        with tf1.Session(graph=graph, config=device.session_config(device.plan("cpu"))) as sess:
             sampling.restore_generator(sess, graph, prefix, run_dir, scope)
             try:
                 builder = tf1.saved_model.Builder(export_dir)

@@ -11,6 +11,8 @@ Each metric answers one question a loss curve cannot:
 import time
 
 import numpy as np
+
+import device  # before TensorFlow: it holds back TensorFlow's benign start-up notices
 import tensorflow as tf
 
 tf1 = tf.compat.v1
@@ -167,8 +169,8 @@ def ms_ssim_scales(side):
 
 
 def _session(graph, threads):
-    config = tf1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
-    return tf1.Session(graph=graph, config=config)
+    return tf1.Session(graph=graph, config=device.session_config(
+        device.plan(device.choose("auto"), threads=threads)))
 
 
 def ms_ssim_mean(images, pairs=1000, seed=0, batch_size=500, threads=0):

@@ -7,8 +7,8 @@ output and the discriminator input.
 
 Layers are written on `tf.compat.v1.get_variable` and `tf.nn` ops because
 Keras 3 leaves no `tf.compat.v1.layers`. Shapes are static wherever the batch
-size is known: static transposed-conv output shapes and fused batch norm ran
-about 2x faster on CPU than `tf.shape`-derived shapes and `tf.nn.moments`.
+size is known, and batch norm is the fused op: both ran faster on a CPU than
+`tf.shape`-derived shapes and `tf.nn.moments` (docs/performance.md).
 """
 import itertools
 import math
@@ -42,22 +42,22 @@ def dense(x, units, name, bias=True):
         return y + _bias("b", units) if bias else y
 
 
-def conv2d(x, filters, kernel, stride, name):
+def conv2d(x, filters, kernel, stride, name, small_maps_as_matmul=True):
     """Strided convolution, SAME padding: size / stride (Lesson 21: no pooling)."""
     with tf1.variable_scope(name):
         w = _weight("w", [kernel, kernel, int(x.shape[-1]), filters])
-        if _as_matmul(int(x.shape[1]) // stride, int(x.shape[1]), filters):
+        if small_maps_as_matmul and _as_matmul(int(x.shape[1]) // stride, int(x.shape[1]), filters):
             y = _conv_as_matmul(x, w, stride)
         else:
             y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME")
         return tf.nn.bias_add(y, _bias("b", filters))
 
 
-def deconv2d(x, filters, kernel, stride, name):
+def deconv2d(x, filters, kernel, stride, name, small_maps_as_matmul=True):
     """Fractionally-strided (transposed) convolution: size * stride (Lesson 21)."""
     with tf1.variable_scope(name):
         w = _weight("w", [kernel, kernel, filters, int(x.shape[-1])])
-        if _as_matmul(int(x.shape[1]), int(x.shape[1]) * stride, int(x.shape[-1])):
+        if small_maps_as_matmul and _as_matmul(int(x.shape[1]), int(x.shape[1]) * stride, int(x.shape[-1])):
             return tf.nn.bias_add(_deconv_as_matmul(x, w, stride), _bias("b", filters))
         _, h, wd, _ = x.shape.as_list()
         batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
@@ -71,13 +71,12 @@ def deconv2d(x, filters, kernel, stride, name):
 # The wide layers at 4x4 (D's last convolution, G's first transposed one in
 # the article net) as two matrix products: a constant 0/1 matrix gathers each
 # output pixel's k x k window (im2col), then one product with the weights.
-# oneDNN's direct convolution ran 8x8 <-> 4x4 layers with 512 -> 1024 filters
-# at about half the speed it reaches on larger maps; the products ran them
-# 1.7-2.3x faster, forward and backward. The gathering adds (big map's pixels /
-# wide side's channels) to the weights' product, so the products are used
-# where that is at most 1/8: at 128 -> 256 filters (1/4) both ran level, at
-# 64 -> 128 (1/2) the convolution won (README, "Performance"). Same variables,
-# same arithmetic as tf.nn.conv2d / conv2d_transpose with SAME padding.
+# oneDNN's direct convolution is slow on such small maps, and the products
+# beat it there; the gathering adds (big map's pixels / wide side's channels)
+# to the weights' product, so the products are used where that is at most 1/8
+# (docs/performance.md). A CPU choice: device.plan turns it off on a GPU
+# (`small_maps_as_matmul`). Same variables, same arithmetic as tf.nn.conv2d /
+# conv2d_transpose with SAME padding.
 SMALL_MAP = 4
 
 
@@ -132,14 +131,15 @@ def _deconv_as_matmul(x, w, stride):
     return tf.reshape(y, [-1, big, big, c_out])  # [N, S*stride, S*stride, C_out]
 
 
-def upsample2x(x, filters, kernel, how, name):
+def upsample2x(x, filters, kernel, how, name, small_maps_as_matmul=True):
     """Double the resolution: a stride-2 transposed convolution (the write-up's), or a
     nearest-neighbour resize then a stride-1 convolution, whose taps cover every
     output pixel alike and so leave no checkerboard (Odena et al. 2016)."""
     if how == "transposed":
-        return deconv2d(x, filters, kernel, 2, name)
+        return deconv2d(x, filters, kernel, 2, name, small_maps_as_matmul)
     size = 2 * int(x.shape[1])
-    return conv2d(tf.image.resize(x, [size, size], "nearest"), filters, kernel, 1, name)
+    return conv2d(tf.image.resize(x, [size, size], "nearest"), filters, kernel, 1, name,
+                  small_maps_as_matmul)
 
 
 def batch_norm(x, is_training, momentum, name):
@@ -192,7 +192,8 @@ def _levels(image_size):
 
 def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
               kernel=5, extra_layers=1, gen_leaky=False, leaky_slope=0.2,
-              bn_momentum=0.9, upsample="transposed", scope=GEN_SCOPE, **_):
+              bn_momentum=0.9, upsample="transposed", scope=GEN_SCOPE,
+              small_maps_as_matmul=True, **_):
     """z [N, z_dim] -> images [N, S, S, channels] in -1..+1.
 
     4x4 x gen_filters, then filters halve while resolution doubles (Lesson 20),
@@ -200,6 +201,7 @@ def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
     checkerboard artefacts (Lesson 27), the last one to `channels` and tanh
     (Lesson 17). Batch norm everywhere except the output layer (Lesson 26).
     `scope` names its variables: a second scope holds a second copy (the averaged weights).
+    `small_maps_as_matmul`: the wide 4x4 layers as matrix products (same variables).
     """
     levels = _levels(image_size)
     act = lambda x: _activation(x, gen_leaky, leaky_slope)
@@ -210,20 +212,22 @@ def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
         for i in range(1, levels + 1):
             last = i == levels and extra_layers == 0
             filters = channels if last else gen_filters // 2 ** i
-            x = upsample2x(x, filters, kernel, upsample, f"up{i}")  # [N, 4*2^i, 4*2^i, F/2^i]
+            x = upsample2x(x, filters, kernel, upsample, f"up{i}", small_maps_as_matmul)  # [N, 4*2^i, 4*2^i, F/2^i]
             if last:
                 return tf.tanh(x)
             x = act(bn(x, f"up{i}_bn"))
         for j in range(1, extra_layers + 1):
             last = j == extra_layers
-            x = deconv2d(x, channels if last else int(x.shape[-1]), kernel, 1, f"same{j}")
+            x = deconv2d(x, channels if last else int(x.shape[-1]), kernel, 1, f"same{j}",
+                         small_maps_as_matmul)
             if last:
                 return tf.tanh(x)  # [N, S, S, channels]
             x = act(bn(x, f"same{j}_bn"))
 
 
 def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel=5,
-                  extra_layers=1, leaky_slope=0.2, bn_momentum=0.9, **_):
+                  extra_layers=1, leaky_slope=0.2, bn_momentum=0.9, small_maps_as_matmul=True,
+                  **_):
     """Images [N, S, S, C] in -1..+1 -> logits [N].
 
     The mirror of the generator (Lesson 16): `extra_layers` stride-1 convs at
@@ -239,11 +243,12 @@ def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel
         x = x_in
         full_res_filters = disc_filters // 2 ** levels
         for j in range(extra_layers, 0, -1):
-            x = conv2d(x, full_res_filters, kernel, 1, f"same{j}")  # [N, S, S, F/2^levels]
+            x = conv2d(x, full_res_filters, kernel, 1, f"same{j}", small_maps_as_matmul)  # [N, S, S, F/2^levels]
             x = act(x if first else bn(x, f"same{j}_bn"))
             first = False
         for i in range(levels, 0, -1):
-            x = conv2d(x, disc_filters // 2 ** (i - 1), kernel, 2, f"down{i}")
+            x = conv2d(x, disc_filters // 2 ** (i - 1), kernel, 2, f"down{i}",
+                       small_maps_as_matmul)
             x = act(x if first else bn(x, f"down{i}_bn"))  # [N, 4*2^(i-1), .., F/2^(i-1)]
             first = False
         x = tf.reshape(x, [-1, 4 * 4 * disc_filters])

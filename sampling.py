@@ -8,6 +8,7 @@ PNG and a generated tile of the same fake hold the same pixels.
 import numpy as np
 import tensorflow as tf
 
+import device
 import model
 import runs
 
@@ -61,9 +62,11 @@ def describe_weights(cfg):
             else "trained weights")
 
 
-def inference_images(z_in, m, scope=model.GEN_SCOPE):
-    """uint8 images [N, S, S, 3] of the generator in inference mode, for latents z_in."""
-    fakes = model.generator(z_in, tf.constant(False), scope=scope, **vars(m))  # [N, S, S, 3]
+def inference_images(z_in, m, scope=model.GEN_SCOPE, plan=None):
+    """uint8 images [N, S, S, 3] of the generator in inference mode, for latents z_in;
+    `plan` (device.plan) chooses the device's layer forms, a CPU's by default."""
+    kw = {**vars(m), **(plan or device.plan("cpu")).model_kwargs()}
+    fakes = model.generator(z_in, tf.constant(False), scope=scope, **kw)  # [N, S, S, 3]
     return to_u8_op(fakes)
 
 
@@ -116,13 +119,12 @@ class Generator:
         m = self.cfg.model
         self.z_dim, self.z_dist, self.batch_size = m.z_dim, m.z_dist, batch_size
         self.scope, self.weights = weights_scope(self.cfg), describe_weights(self.cfg)
+        plan = device.plan(device.choose("auto"), threads=threads)
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.z_in = tf1.placeholder(tf.float32, [batch_size, m.z_dim], "z_in")
-            self.fakes_u8_out = inference_images(self.z_in, m, self.scope)
-        session_config = tf1.ConfigProto(intra_op_parallelism_threads=threads,
-                                         inter_op_parallelism_threads=1)
-        self.sess = tf1.Session(graph=self.graph, config=session_config)
+            self.fakes_u8_out = inference_images(self.z_in, m, self.scope, plan)
+        self.sess = tf1.Session(graph=self.graph, config=device.session_config(plan))
         try:
             restore_generator(self.sess, self.graph, self.prefix, self.run_dir, self.scope)
         except runs.RunError:

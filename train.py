@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+import device  # first of the TensorFlow importers: it holds back TensorFlow's benign notices
 import tensorflow as tf
 
 import config as config_lib
@@ -30,6 +32,7 @@ import gan
 import metrics
 import model
 import runs
+import timing
 from cli import run_main
 from history_cache import HistoryCache
 from sampling import generate_u8, sample_latents
@@ -173,6 +176,9 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, run_dir, prefix, changed = runs.open_run(args.config, args.set, args.out, args.resume)
     t = cfg.train
+    kind = device.choose(cfg.run.device)  # run.device=gpu without a GPU: an error, nothing written
+    plan = device.plan(kind, cfg)
+    print(device.describe(kind))
 
     started = time.time()
     side = config_lib.load_size(cfg)
@@ -184,14 +190,19 @@ def main(argv=None):
     print(f"data: {len(files)} tiles from {cfg.data.path} ({held}), {time.time() - started:.1f} s")
     eval_set = eval_reals(cfg, batches) if t.eval_every else None  # its errors come before any write
 
+    device.set_determinism(cfg.run.deterministic)
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(t.seed)  # Lesson 6
-        g = gan.build_graph(cfg)
+        g = gan.build_graph(cfg, plan)
         print("model: " + ", ".join(
             f"{name} weights and biases {model.count_params(scope):,} "
             f"(+ {model.count_params(scope, batch_norm=True):,} batch-norm)"
             for name, scope in (("generator", model.GEN_SCOPE), ("discriminator", model.DISC_SCOPE))))
+    # Nothing is allocated until the session runs: a config the device cannot hold stops here.
+    device.check_memory(device.memory_needed(graph, (model.GEN_SCOPE, model.DISC_SCOPE)), kind)
+    if kind == "cpu" and cfg.run.device == "auto":
+        warn_if_long(cfg, graph, runs.checkpoint_step(prefix) if prefix else 0)
 
     os.makedirs(run_dir, exist_ok=True)
     lock = runs.acquire_lock(run_dir)
@@ -199,15 +210,27 @@ def main(argv=None):
         if not prefix:  # at once: a start-up cut short leaves a folder that says what it was
             runs.write_config(run_dir, cfg)
         with graph.as_default():  # the Saver and FileWriter look up the default graph
-            return train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed)
+            return train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed)
     finally:
         batches.close()
         runs.release_lock(lock)
 
 
-def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
+def warn_if_long(cfg, graph, done):
+    """A run sized for a GPU, started on a CPU without asking for one, says how long it takes."""
+    flops = timing.graph_step_flops(graph, cfg.train.batch_size)[0]["B"]
+    hours = device.cpu_hours(flops, cfg.train.steps - done, device.matmul_gflops())
+    if hours > device.LONG_RUN_HOURS:
+        print(f"warning: no GPU, so this run trains on the CPU: about {hours:,.0f} hours for "
+              f"{cfg.train.steps - done:,} steps (estimated from its FLOPs and this CPU's matrix "
+              f"product speed); a GPU machine runs it (README, \"GPU\"), configs/cpu.json is sized "
+              f"for a CPU, and --set run.device=cpu trains here without this warning",
+              file=sys.stderr, flush=True)
+
+
+def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
     t, m = cfg.train, cfg.model
-    sess = tf1.Session(graph=graph, config=gan.session_config(cfg))
+    sess = tf1.Session(graph=graph, config=device.session_config(plan))
     writer = tf1.summary.FileWriter(os.path.join(run_dir, "tensorboard"))
     cache = HistoryCache(t.history_size, (m.image_size, m.image_size, m.channels), seed=t.seed)
     run = runs.Run(run_dir, sess, g, cache, writer)
@@ -248,44 +271,7 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
         print(f"samples and evaluations: G's averaged weights (train.g_average {t.g_average})")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
-    while step < t.steps and stop.signal is None:
-        step_started = time.time()
-        step += 1
-        try:
-            record = gan.run_step(sess, g, cfg, batches, cache, step)
-        except data.DataError as e:  # a tile read from disk (data.in_memory: false) went bad
-            step -= 1
-            save_on_stop(run, step, records)
-            raise data.DataError(f"{e}; training stopped after step {step}, "
-                                 f"{run.how_to_go_on(step)}") from None
-
-        bad = [k for k in gan.LOSS_KEYS if not np.isfinite(record[k])]
-        if bad:
-            log.write({"step": step, **record, "error": "non-finite loss"})
-            raise run.diverged(step, record, bad)
-        record = {"step": step, **record,
-                  "imgs_per_s": t.batch_size / (time.time() - step_started)}
-        records.append(record)
-        if step % t.log_every == 0 or step == t.steps:
-            log.write(record)
-            tb_scalars(writer, record)
-        if step % t.sample_every == 0 or step == t.steps:  # the end state is seen too
-            gan.refresh_samples(sess, g)
-            run.dump_samples(step)
-        if evaluate and step % t.eval_every == 0:
-            gan.refresh_samples(sess, g)
-            found = evaluate(run, step)
-            log.write(found)
-            tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
-            print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
-                  f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f}"
-                  + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            checkpoint(run, step, records)
-        if step % 50 == 0 or step == t.steps:
-            print(f"step {step:6d}  D real {record['d_real_loss']:.3f}  fake {record['d_fake_loss']:.3f}"
-                  f"  G {record['g_loss']:.3f}  path {record['path']}  {record['imgs_per_s']:.0f} img/s",
-                  flush=True)
+    step = loop(cfg, run, batches, cache, evaluate, log, records, stop, step)
 
     if stop.signal is not None:
         save_on_stop(run, step, records)
@@ -296,6 +282,70 @@ def train(cfg, graph, g, batches, eval_set, run_dir, prefix, changed):
     log.close()
     sess.close()
     return 0
+
+
+def out_of_memory(run, step, e):
+    """The error for a device out of memory; no checkpoint is written after it (the step
+    may be half done), the last one is kept."""
+    kept = (f"the last checkpoint, {os.path.join(run.ckpt_dir, f'model-{run.saved_step}')}, "
+            f"is kept" if run.saved_step else "no checkpoint was written before it")
+    return runs.RunError(f"step {step}: out of memory ({runs.error_cause(e)}); training stopped; "
+                         f"{kept}; lower {device.LOWER} in a new run (a resume keeps them), or "
+                         f"free the device's memory and --resume {run.dir}")
+
+
+def loop(cfg, run, batches, cache, evaluate, log, records, stop, step):
+    """Train from `step` until train.steps or a stop signal; returns the last step trained."""
+    t, sess, g, writer = cfg.train, run.sess, run.g, run.writer
+    try:
+        while step < t.steps and stop.signal is None:
+            step_started = time.time()
+            step += 1
+            try:
+                record = gan.run_step(sess, g, cfg, batches, cache, step)
+            except data.DataError as e:  # a tile read from disk (data.in_memory: false) went bad
+                step -= 1
+                save_on_stop(run, step, records)
+                raise data.DataError(f"{e}; training stopped after step {step}, "
+                                     f"{run.how_to_go_on(step)}") from None
+
+            bad = [k for k in gan.LOSS_KEYS if not np.isfinite(record[k])]
+            if bad:
+                log.write({"step": step, **record, "error": "non-finite loss"})
+                raise run.diverged(step, record, bad)
+            record = {"step": step, **record,
+                      "imgs_per_s": t.batch_size / (time.time() - step_started)}
+            records.append(record)
+            if step % t.log_every == 0 or step == t.steps:
+                log.write(record)
+                tb_scalars(writer, record)
+            if step % t.sample_every == 0 or step == t.steps:  # the end state is seen too
+                gan.refresh_samples(sess, g)
+                run.dump_samples(step)
+            if evaluate and step % t.eval_every == 0:
+                gan.refresh_samples(sess, g)
+                log_evaluation(writer, log, evaluate(run, step))
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                checkpoint(run, step, records)
+            if step % 50 == 0 or step == t.steps:
+                print_progress(record)
+    except tf.errors.ResourceExhaustedError as e:  # in a step, an evaluation or a sample grid
+        raise out_of_memory(run, step, e) from None
+    return step
+
+
+def log_evaluation(writer, log, found):
+    step = found["step"]
+    log.write(found)
+    tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
+    print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
+          f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f}"
+          + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
+
+
+def print_progress(r):
+    print(f"step {r['step']:6d}  D real {r['d_real_loss']:.3f}  fake {r['d_fake_loss']:.3f}"
+          f"  G {r['g_loss']:.3f}  path {r['path']}  {r['imgs_per_s']:.0f} img/s", flush=True)
 
 
 def checkpoint(run, step, records):

@@ -1,4 +1,4 @@
-"""bench.py's arithmetic and the speed-related run flags (no timing asserted here)."""
+"""bench.py and timing.py's arithmetic, and the speed-related run flags (no timing asserted here)."""
 import json
 import os
 
@@ -8,8 +8,10 @@ import tensorflow as tf
 
 import bench
 import config
+import device
 import gan
 import model
+import timing
 from conftest import ROOT, run_script
 
 tf1 = tf.compat.v1
@@ -27,18 +29,18 @@ def test_forward_flops_are_counted_from_layer_shapes(filters):
                             extra_layers=1)
     products = any(op.type == "BatchMatMulV2" for op in graph.get_operations())
     assert products == (filters == 512)
-    g_total, g_first = bench.net_flops(graph, "generator")
+    g_total, g_first = timing.net_flops(graph, "generator")
     # dense 10 -> 4*4*f; up1 4x4xf -> 8x8xf/2 (transposed: input pixels); same1 8x8xf/2 -> 8x8x3
     dense, up1, same1 = 2 * 10 * 16 * f, 2 * 16 * 9 * f * half, 2 * 64 * 9 * half * 3
     assert (g_total, g_first) == (dense + up1 + same1, dense)
-    d_total, d_first = bench.net_flops(graph, "discriminator")
+    d_total, d_first = timing.net_flops(graph, "discriminator")
     # same1 8x8x3 -> 8x8xf/2; down1 -> 4x4xf; logit 16f -> 1
     conv1, down1, logit = 2 * 64 * 9 * 3 * half, 2 * 16 * 9 * half * f, 2 * 16 * f
     assert (d_total, d_first) == (conv1 + down1 + logit, conv1)
 
 
 def test_step_flops_add_up_the_runs_of_a_step():
-    flops = bench.step_flops(g_fwd=10, g_first=1, d_fwd=20, d_first=2, batch=1)
+    flops = timing.step_flops(g_fwd=10, g_first=1, d_fwd=20, d_first=2, batch=1)
     measure = 10 + 2 * 20
     d_update = 2 * (3 * 20 - 2)
     g_update = (3 * 10 - 1) + 4 * 20
@@ -53,7 +55,7 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
     graph = tf.Graph()
     with graph.as_default():
         g = gan.build_graph(cfg)
-    sess = tf1.Session(graph=graph, config=gan.session_config(cfg))
+    sess = tf1.Session(graph=graph, config=device.session_config(device.plan("cpu", cfg)))
     sess.run(g["init_op"])
     graph.finalize()
     rng = np.random.default_rng(0)
@@ -62,6 +64,8 @@ def test_speed_flags_build_and_train_a_step_on_the_cpu(flags):
     with graph.as_default():
         kernel = [v for v in tf1.trainable_variables() if v.op.name == "generator/up1/w"][0]
     assert kernel.dtype.base_dtype == tf.float32  # variables stay float32
+    # D's updates are fed the measured fakes through a float32 input no rewrite retypes
+    assert g["fakes_in"].op.type == "PlaceholderWithDefault" and g["fakes_in"].dtype == tf.float32
     before = sess.run(kernel)
     record, _ = gan.train_step(sess, g, reals, z, None, False)
     assert all(np.isfinite(record[k]) for k in gan.LOSS_KEYS)
@@ -93,7 +97,7 @@ def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32(wide):
     graph = tf.Graph()
     with graph.as_default():
         g = gan.build_graph(cfg)
-    sess = tf1.Session(graph=graph, config=gan.session_config(cfg))
+    sess = tf1.Session(graph=graph, config=device.session_config(device.plan("cpu", cfg)))
     sess.run(g["init_op"])
     side = cfg.model.image_size
     feed = {g["reals_u8_in"]: np.zeros((8, side, side, 3), np.uint8),
@@ -113,27 +117,26 @@ def test_bf16_runs_convolutions_in_bf16_and_batch_norm_in_float32(wide):
     assert convs == {tf.bfloat16}
     assert norms == {tf.float32}
 
-def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_norm():
-    """bench.py --untuned: the 'before' row times the same variables and arithmetic."""
+def test_untuned_graph_is_the_same_net_with_tensorflows_defaults():
+    """bench.py --untuned: the same variables, the 4x4 layers as convolutions, the remapper on."""
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),  # wide: 4x4 layers as products
                       ["model.image_size=8", "model.gen_filters=512", "model.disc_filters=512"])
     graphs = {}
-    for untuned in (False, True):
+    for tuned in (True, False):
+        plan = device.plan("cpu", cfg, tuned=tuned)
         graph = tf.Graph()
-        with graph.as_default(), (bench.untuned_layers() if untuned else _nothing()):
+        with graph.as_default():
             tf1.set_random_seed(0)
-            g = gan.build_graph(cfg)
+            g = gan.build_graph(cfg, plan)
             names = sorted((v.op.name, tuple(v.shape.as_list())) for v in tf1.global_variables())
         ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
-        graphs[untuned] = (graph, g, names, ops)
+        graphs[tuned] = (graph, g, names, ops, plan)
     assert graphs[True][2] == graphs[False][2]  # same variables, same shapes
-    # tf.nn.moments adds SquaredDifference; fused batch norm sits inside the cond's functions.
-    assert "SquaredDifference" in graphs[True][3] and "SquaredDifference" not in graphs[False][3]
-    assert "Shape" not in graphs[False][3] and "Shape" in graphs[True][3]
-    assert "BatchMatMulV2" in graphs[False][3] and "BatchMatMulV2" not in graphs[True][3]
-    assert model.batch_norm.__module__ == model.conv2d.__module__ == "model"  # restored afterwards
-    graph, g, _, _ = graphs[True]
-    sess = tf1.Session(graph=graph)
+    assert "BatchMatMulV2" in graphs[True][3] and "BatchMatMulV2" not in graphs[False][3]
+    rewrite = device.session_config(graphs[False][4]).graph_options.rewrite_options
+    assert rewrite.remapping == 0  # DEFAULT: TensorFlow's choice
+    graph, g, _, _, plan = graphs[False]
+    sess = tf1.Session(graph=graph, config=device.session_config(plan))
     sess.run(g["init_op"])
     rng = np.random.default_rng(0)
     reals = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
@@ -142,15 +145,10 @@ def test_untuned_graph_is_the_same_net_with_dynamic_shapes_and_moments_batch_nor
     assert fakes.shape == (8, 8, 8, 3) and all(np.isfinite(record[k]) for k in gan.LOSS_KEYS)
 
 
-def _nothing():
-    import contextlib
-    return contextlib.nullcontext()
-
-
 def test_a_steps_share_of_peak_is_over_the_probe_just_before_it():
     # The machine halves its speed for the second step: the yardstick does too,
     # so both steps ran at the full share, which a run-wide figure would hide.
-    figures = bench.path_figures("b", 100e9, totals=[1.0, 2.0], probes=[100.0, 50.0])
+    figures = timing.path_figures("b", 100e9, totals=[1.0, 2.0], probes=[100.0, 50.0])
     assert figures["peak_frac_b"] == pytest.approx(1.0)
     assert figures["gflops_b"] == pytest.approx(100 / 1.5)
     assert figures["matmul_gflops_b"] == pytest.approx(75.0)
@@ -164,20 +162,25 @@ def test_the_yardstick_is_probed_before_every_step():
             self.readings.append(100.0 + len(self.readings))
             return self.readings[-1]
 
+    clock, called = Clock(), []
+    totals, outside, probes = timing.time_steps(lambda n: called.append(n) or 0.0, 2, 1, clock)
+    assert len(clock.readings) == 4 and called == [1, 2, 3, 4]  # two warm-up steps, two timed
+    assert probes == clock.readings[2:] and len(totals) == len(outside) == 2
+
+
+def test_bench_times_gan_run_step_on_both_paths():
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"))
     graph = tf.Graph()
     with graph.as_default():
         g = gan.build_graph(cfg)
     sess = tf1.Session(graph=graph)
     sess.run(g["init_op"])
-    clock = Clock()
-    totals, outside, probes = bench.time_steps(cfg, graph, g, sess, "B", 2, 1, clock)
-    assert len(clock.readings) == 4  # two warm-up steps, two timed
-    assert probes == clock.readings[2:] and len(totals) == len(outside) == 2
+    totals, outside, probes = bench.time_path(cfg, g, sess, "A", 1, 1, timing.Yardstick(64))
+    assert len(totals) == len(outside) == len(probes) == 1 and 0 <= outside[0] < 1
 
 
 def test_the_yardstick_reads_numpys_matmul():
-    yardstick = bench.Yardstick(128)
+    yardstick = timing.Yardstick(128)
     assert yardstick.probe(2) > 0 and len(yardstick.readings) == 1
 
 
@@ -192,3 +195,20 @@ def test_bench_prints_the_table_and_writes_its_json(tmp_path):
         assert figures[key] > 0, key
     low, high = figures["matmul_range"]
     assert low <= figures["matmul_gflops"] <= high
+    assert figures["blas"] and "matmul kernel" in proc.stdout  # what the yardstick ran
+    assert figures["device"].startswith("device: ")
+
+
+def test_the_yardstick_says_when_the_environment_held_its_kernel_below_the_cpus_best(
+        monkeypatch):
+    info = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3",
+             "architecture": "Haswell"}]
+    monkeypatch.setattr("threadpoolctl.threadpool_info", lambda: info)
+    monkeypatch.setenv(timing.KERNEL_SETTING, "Haswell")
+    monkeypatch.setattr(timing.subprocess, "run", lambda *a, **k: type(
+        "Done", (), {"stdout": "SkylakeX\n"}))
+    found = timing.blas_kernel()
+    assert "Haswell" in found["blas"] and found["blas_best"] == "SkylakeX"
+    assert "OPENBLAS_CORETYPE" in timing.blas_text(found) and "SkylakeX" in timing.blas_text(found)
+    monkeypatch.delenv(timing.KERNEL_SETTING)
+    assert timing.blas_kernel()["blas_best"] is None

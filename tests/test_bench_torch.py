@@ -1,4 +1,4 @@
-"""bench_torch.py: the PyTorch nets are model.py's nets, and the benchmark runs and reports.
+"""tools/bench_torch.py: the PyTorch nets are model.py's nets, and the benchmark runs and reports.
 
 PyTorch is optional: the tests that need it skip without it; the one that
 checks the install message runs either way.
@@ -11,11 +11,13 @@ import sys
 import pytest
 import tensorflow as tf
 
-import bench
-import bench_torch
 import config
 import model
+import timing
 from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import bench_torch  # noqa: E402
 
 tf1 = tf.compat.v1
 SMOKE = os.path.join(ROOT, "configs", "smoke.json")
@@ -60,9 +62,9 @@ def test_torch_nets_have_the_tf_nets_parameters_and_flops(torch, overrides):
 
     gen, disc = bench_torch.generator(m), bench_torch.discriminator(m)
     assert bench_torch.forward_flops(gen, torch.zeros(1, m.z_dim)) == \
-        bench.net_flops(graph, model.GEN_SCOPE)
+        timing.net_flops(graph, model.GEN_SCOPE)
     assert bench_torch.forward_flops(disc, torch.zeros(1, m.channels, m.image_size, m.image_size)) == \
-        bench.net_flops(graph, model.DISC_SCOPE)
+        timing.net_flops(graph, model.DISC_SCOPE)
     fakes = gen(torch.zeros(3, m.z_dim))
     assert tuple(fakes.shape) == (3, m.channels, m.image_size, m.image_size)
     assert tuple(disc(fakes).shape) == (3,)
@@ -109,7 +111,7 @@ def test_a_step_trains_both_nets_on_either_path(torch):
 
 
 def test_bench_writes_its_figures(torch, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "Yardstick", functools.partial(bench.Yardstick, 256))
+    monkeypatch.setattr(timing, "Yardstick", functools.partial(timing.Yardstick, 256))
     out = tmp_path / "bench_torch.json"
     assert bench_torch.main(["--config", SMOKE, "--steps", "1", "--json", str(out)]) == 0
     assert "path A" in capsys.readouterr().out

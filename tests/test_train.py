@@ -13,6 +13,7 @@ import tensorflow as tf
 import config
 import gan
 import data
+import device
 import sampling
 import runs
 import train
@@ -92,6 +93,8 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
     proc = run_script("train.py", "--resume", run, "--set", "train.steps=40", check=True)
     assert_said(proc.stdout, run / "checkpoints" / "model-20", "step 20")  # where it resumed
     assert "remapper failed" not in proc.stderr  # no alarming TensorFlow error on a good run
+    assert "cuInit" not in proc.stderr and "cudart_stub" not in proc.stderr  # nor a GPU notice
+    assert "device: CPU" in proc.stdout
 
     whole, halves = steps_of(read_log(smoke_run)), read_log(run)
     assert [r["event"] for r in halves if "event" in r] == ["resume"]
@@ -418,9 +421,9 @@ def test_regulariser_is_part_of_what_the_optimisers_minimise():
 def test_thread_limits_come_from_the_config():
     cfg = tiny_cfg()
     cfg.run.threads = 0
-    assert gan.session_config(cfg).intra_op_parallelism_threads == config.default_threads()
+    assert device.session_config(device.plan("cpu", cfg)).intra_op_parallelism_threads == config.default_threads()
     cfg.run.threads = 1
-    assert gan.session_config(cfg).intra_op_parallelism_threads == 1
+    assert device.session_config(device.plan("cpu", cfg)).intra_op_parallelism_threads == 1
 
 
 def test_d_step_trains_d_on_the_generated_batch_it_returns():

@@ -174,3 +174,24 @@ def test_thread_default_leaves_a_core_free_on_bigger_machines():
     assert config.default_threads(2) == 2
     assert config.default_threads(4) == 3
     assert config.default_threads(16) == 15
+
+
+# ---------------------------------------------------------------- scripts over libraries
+
+ENTRY_SCRIPTS = ("train", "generate", "evaluate", "prepare", "bench", "bench_torch")
+
+
+def test_no_module_imports_an_entry_script():
+    """Scripts import libraries, never each other (tools/ included)."""
+    import ast
+    files = [os.path.join(ROOT, n) for n in os.listdir(ROOT) if n.endswith(".py")]
+    files += [os.path.join(ROOT, "tools", n) for n in os.listdir(os.path.join(ROOT, "tools"))
+              if n.endswith(".py")]
+    for path in files:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        imported = {a.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & set(ENTRY_SCRIPTS), path

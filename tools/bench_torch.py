@@ -1,6 +1,6 @@
 """The same DCGAN training step in PyTorch, timed on this machine: an optional comparison.
 
-    python bench_torch.py [--config configs/article.json] [--set section.key=value]... [--steps 5] [--json OUT]
+    python tools/bench_torch.py [--config configs/article.json] [--set section.key=value]... [--steps 5] [--json OUT]
 
 bench.py tells how close the TensorFlow graph comes to the machine's float32
 matmul speed. This script says whether another framework gets closer with
@@ -9,8 +9,8 @@ the same arithmetic: it builds model.py's nets for the config in PyTorch
 counts) and times gan.train_step's algorithm with four Adam optimisers.
 PyTorch's CPU convolutions are oneDNN too, so a gap between the two tables is
 framework overhead and kernel choice, not a better library. FLOPs are counted
-from layer shapes as bench.py counts them and set against the same yardstick,
-`bench.matmul_gflops`, so the two tables read side by side.
+from layer shapes as bench.py counts them and timed with the same harness and
+yardstick (timing.py), so the two tables read side by side.
 
 Known differences, none of which changes the arithmetic: TensorFlow's "SAME"
 padding puts the odd pixel of padding at the bottom/right, PyTorch's strided
@@ -21,8 +21,9 @@ moves batch-norm averages on every training-mode forward, TensorFlow only in
 the update runs.
 
 PyTorch's OpenMP threads spin while they wait for each other: on a machine
-whose cores are busy with other work a step ran 25 times slower with 2
-threads than with 1. Time on an idle machine, or set OMP_WAIT_POLICY=passive.
+whose cores are busy with other work a step runs many times slower with 2
+threads than with 1 (docs/performance.md). Time on an idle machine, or set
+OMP_WAIT_POLICY=passive.
 
 PyTorch is not a project requirement; install it only for this comparison:
     pip install torch==2.13.0
@@ -31,16 +32,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
-import bench
-import config as config_lib
-from cli import run_main
+# A developer tool beside the project: its libraries are one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import config as config_lib  # noqa: E402
+import timing  # noqa: E402
+from cli import run_main  # noqa: E402
 
 INSTALL = "pip install torch==2.13.0"
-# channels_last ran a path-B step of cpu.json at batch 16 15-25% faster than NCHW
-# (medians 0.14-0.21 s against 0.17-0.25 s; five interleaved runs on 1 and 2
-# threads), so the nets and the reals use it.
+# channels_last ran a path-B step of cpu.json faster than NCHW (docs/performance.md),
+# so the nets and the reals use it.
 CHANNELS_LAST = True
 
 
@@ -149,7 +151,7 @@ def param_counts(cfg):
 
 
 def forward_flops(net, x):
-    """(forward FLOPs per image, FLOPs of the first layer), counted as bench.net_flops does.
+    """(forward FLOPs per image, FLOPs of the first layer), counted as timing.net_flops does.
 
     A convolution costs 2 * output pixels * its weights, a transposed one
     2 * input pixels * its weights, a dense layer 2 * its weights; `x` is one input.
@@ -265,33 +267,22 @@ class Step:
 
 # ---------------------------------------------------------------- timing
 
-def time_steps(cfg, step, path, steps, first_step, yardstick):
-    """Seconds of `steps` steps on `path` after 2 warm-up steps, and the probe before each.
-
-    Each step draws its batch, augmentation and latents as gan.run_step does,
-    so the NumPy work inside bench.py's timed steps is inside these too.
-    """
+def time_path(cfg, step, path, steps, first_step, yardstick):
+    """timing.time_steps of `step` on `path`; each call draws its batch, augmentation and
+    latents as gan.run_step does, so the NumPy work inside bench.py's steps is in these too."""
     import numpy as np
     import data
     from sampling import sample_latents
     m, t = cfg.model, cfg.train
-    side = config_lib.load_size(cfg)
-    tiles = np.random.default_rng(0).integers(
-        0, 256, (max(4 * t.batch_size, 256), side, side, m.channels), np.uint8)
-    batches = data.Batches(tiles, [""] * len(tiles), t.batch_size, side, t.seed)
-    totals, probes = [], []
-    for i in range(steps + 2):
-        probe = yardstick.probe()  # as bench.time_steps
-        start = time.perf_counter()
-        rng = np.random.default_rng([t.seed, first_step + i])
-        reals = data.random_crops(batches.get(first_step + i - 1), m.image_size, rng)
+    batches = timing.random_batches(cfg)
+
+    def one(n):
+        rng = np.random.default_rng([t.seed, n])
+        reals = data.random_crops(batches.get(n - 1), m.image_size, rng)
         if cfg.data.augment:
             reals = data.augment(reals, rng)
-        z = sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist)
-        step(reals, z, path)
-        if i >= 2:  # warm-up: oneDNN picks and caches its kernels in the first runs
-            totals.append(time.perf_counter() - start)
-            probes.append(probe)
+        step(reals, sample_latents(rng, (t.batch_size, m.z_dim), m.z_dist), path)
+    totals, _, probes = timing.time_steps(one, steps, first_step, yardstick)
     return totals, probes
 
 
@@ -301,27 +292,25 @@ def main(argv=None):
     if cfg.model.upsample != "transposed":
         raise config_lib.ConfigError("bench_torch.py twins the transposed-convolution generator "
                                      "only; drop model.upsample")
-    threads = cfg.run.threads or config_lib.default_threads()  # as gan.session_config
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)  # read by NumPy's BLAS if it is not loaded yet
+    threads = timing.set_blas_threads(cfg)  # as bench.py
     torch = import_torch()
     torch.set_num_threads(threads)  # no inter-op pool to size: eager ops run one at a time
     torch.manual_seed(cfg.train.seed)
     m, B = cfg.model, cfg.train.batch_size
 
     step = Step(cfg)
-    yardstick = bench.Yardstick()
+    yardstick = timing.Yardstick()
     g_fwd, g_first = forward_flops(step.gen, torch.zeros(1, m.z_dim))
     d_fwd, d_first = forward_flops(step.disc, torch.zeros(1, m.channels, m.image_size, m.image_size))
-    flops = bench.step_flops(g_fwd, g_first, d_fwd, d_first, B)
+    flops = timing.step_flops(g_fwd, g_first, d_fwd, d_first, B)
     result = {"config": args.config, "overrides": args.set, "threads": threads,
               "torch_version": torch.__version__, "channels_last": CHANNELS_LAST,
               "g_fwd_gflop_per_img": g_fwd / 1e9,
               "d_fwd_gflop_per_img": d_fwd / 1e9}
     for path in ("B", "A"):
-        totals, probes = time_steps(cfg, step, path, args.steps,
+        totals, probes = time_path(cfg, step, path, args.steps,
                                     first_step=1 if path == "B" else 1000, yardstick=yardstick)
-        result.update(bench.path_figures(path.lower(), flops[path], totals, probes))
+        result.update(timing.path_figures(path.lower(), flops[path], totals, probes))
     result.update(yardstick.figures())
     result["imgs_per_s"] = B / result["s_per_step_b"]
     print_table(result)
@@ -334,17 +323,15 @@ def main(argv=None):
 def print_table(r):
     rows = [("PyTorch", f"{r['torch_version']}, {r['threads']} threads, "
                         f"{'channels_last' if r['channels_last'] else 'NCHW'}"),
-            ("NumPy float32 matmul", bench.matmul_text(r)),
+            ("NumPy float32 matmul", timing.matmul_text(r)),
+            ("matmul kernel", timing.blas_text(r)),
             ("forward per image, G / D",
              f"{r['g_fwd_gflop_per_img']:.3f} / {r['d_fwd_gflop_per_img']:.3f} GFLOP")]
     for path in ("b", "a"):
         rows += [(f"path {path.upper()}: seconds per step", f"{r[f's_per_step_{path}']:.3f} s (median)"),
-                 (f"path {path.upper()}: achieved", bench.achieved_text(r, path))]
+                 (f"path {path.upper()}: achieved", timing.achieved_text(r, path))]
     rows.append(("images per second (path B)", f"{r['imgs_per_s']:.1f}"))
-    width = max(len(name) for name, _ in rows)
-    print(f"bench_torch: {r['config']} {' '.join(r['overrides'])}".rstrip())
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+    timing.print_table(f"bench_torch: {r['config']} {' '.join(r['overrides'])}", rows)
 
 
 def cli(argv=None):
