@@ -7,7 +7,6 @@ GFLOP/s with the same thread count (timing.py, shared with tools/bench_torch.py)
 Steps run on random uint8 tiles through the same `gan.run_step` the trainer
 uses, on the device train.py would choose (run.device), with its tuning.
 """
-import argparse
 import json
 import os
 import resource
@@ -18,11 +17,11 @@ import time
 import config as config_lib
 import device
 import timing
-from cli import run_main
+from cli import ArgumentParser, run_main
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Benchmark a training step of a satgan config.")
+    p = ArgumentParser(prog="bench.py", description="Benchmark a training step of a satgan config.")
     p.add_argument("--config", default="configs/article.json")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (after 2 warm-up)")

@@ -4,6 +4,7 @@ Library modules raise a UserError (or a subclass named for where it arose:
 config.ConfigError, data.DataError, runs.RunError, ...) whose message names
 the thing and what to do; scripts run their main through `run_main`.
 """
+import argparse
 import sys
 
 
@@ -18,3 +19,12 @@ def run_main(main, argv=None, errors=()):
     except (UserError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the same one `error:` line and exit code 2 as every other mistake,
+    instead of a usage block and `prog: error:`."""
+
+    def error(self, message):
+        print(f"error: {message}; see python {self.prog} --help", file=sys.stderr)
+        sys.exit(2)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 import config as config_lib
-from cli import UserError, run_main
+from cli import ArgumentParser, UserError, run_main
 import data
 import metrics
 import runs
@@ -250,7 +250,8 @@ def table(results):
 # ---------------------------------------------------------------- main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
+        prog="evaluate.py",
         description="Measure how close generated tiles are to real ones (SWD, MS-SSIM, "
                     "colour, nearest neighbours, a classifier two-sample test).",
         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,7 +27,7 @@ import device  # first of the TensorFlow importers: it holds back TensorFlow's b
 import tensorflow as tf
 
 import config as config_lib
-from cli import run_main
+from cli import ArgumentParser, run_main
 import data
 import runs
 import sampling
@@ -351,7 +351,8 @@ MODE_OPTIONS = {"n": ("samples", 64), "real": ("turing", None), "split": ("turin
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
+        prog="generate.py",
         description="Images from a trained satgan checkpoint: samples, a Turing quiz,\n"
                     "latent interpolations, or a SavedModel export.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 import config as config_lib
 import data
-from cli import UserError, run_main
+from cli import ArgumentParser, UserError, run_main
 
 # Plain PNG and JPEG tiles carry no georeference; that is expected, not worth a warning.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
@@ -982,8 +982,9 @@ def parse_bands(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="prepare.py", description="Cut satellite imagery into RGB PNG tiles for training.",
+    p = ArgumentParser(
+        prog="prepare.py",
+        description="Cut satellite imagery into RGB PNG tiles for training.",
         epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="raster file, single-band file (three per scene) or folder of tiles")

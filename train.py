@@ -7,7 +7,6 @@ Reads top to bottom: parse -> load tiles -> build the graph once (gan.py) ->
 create or restore the session -> loop. The run folder's layout, checkpoints
 and lock live in runs.py; what one step does lives in gan.py.
 """
-import argparse
 import gc
 import os
 import signal
@@ -33,7 +32,7 @@ import metrics
 import model
 import runs
 import timing
-from cli import run_main
+from cli import ArgumentParser, run_main
 from history_cache import HistoryCache
 from sampling import generate_u8, sample_latents
 
@@ -146,7 +145,7 @@ class Evaluator:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train the satgan DCGAN on a folder of tiles.")
+    p = ArgumentParser(prog="train.py", description="Train the satgan DCGAN on a folder of tiles.")
     p.add_argument("--config", help="JSON config (configs/*.json); optional with --resume")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")

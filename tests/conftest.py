@@ -110,18 +110,6 @@ def assert_clear_error(code, stderr, *names, unnamed=(), listing=False, nothing_
     _nothing_written(nothing_written)
 
 
-def assert_usage_error(code, stderr, *names, unnamed=(), nothing_written=()):
-    """argparse refused the command line: exit code 2, no traceback, its one `error: `
-    line (after the usage) names each of `names` and none of `unnamed`; no path of
-    `nothing_written` exists."""
-    assert code == 2, f"exit code {code}:\n{stderr[-3000:]}"
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if "error: " in line]
-    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr[-3000:]
-    assert_named(errors[0], *names, unnamed=unnamed)
-    _nothing_written(nothing_written)
-
-
 def assert_said(lines, *names):
     """One of `lines` (a list of notes, or printed text) names each of `names` (see
     assert_named): what a note or a progress line promises, by its facts, not its wording."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, assert_clear_error, assert_usage_error, run_script, write_tiles
+from conftest import ROOT, assert_clear_error, run_script, write_tiles
 
 import data
 import sampling
@@ -135,7 +135,7 @@ def test_a_picture_too_large_for_memory_is_refused_up_front(mode, tmp_path, caps
     with pytest.raises(SystemExit) as stop:
         generate.parse_args(["--checkpoint", str(tmp_path), *mode, "--out", str(tmp_path / "o")])
     # the two options whose product is too large, and the most one picture holds
-    assert_usage_error(stop.value.code, capsys.readouterr().err, mode[-4], mode[-2], "4,096")
+    assert_clear_error(stop.value.code, capsys.readouterr().err, mode[-4], mode[-2], "4,096")
 
 
 def test_paths_from_home_are_expanded(tmp_path, monkeypatch):
@@ -340,14 +340,14 @@ def test_negative_seed_is_a_usage_error(mode, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         generate.cli(["--checkpoint", str(tmp_path), *mode, "--seed", "-1",
                       "--out", str(tmp_path / "o")])
-    assert_usage_error(exit_.value.code, capsys.readouterr().err, "--seed", "-1",
+    assert_clear_error(exit_.value.code, capsys.readouterr().err, "--seed", "-1",
                        nothing_written=tmp_path / "o")
 
 
 def test_a_count_below_one_names_the_flag_as_typed(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         generate.cli(["--checkpoint", str(tmp_path), "-n", "0", "--out", str(tmp_path / "o")])
-    assert_usage_error(exit_.value.code, capsys.readouterr().err, "-n", "0", unnamed=["--n"],
+    assert_clear_error(exit_.value.code, capsys.readouterr().err, "-n", "0", unnamed=["--n"],
                        nothing_written=tmp_path / "o")
 
 

@@ -195,3 +195,14 @@ def test_no_module_imports_an_entry_script():
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & set(ENTRY_SCRIPTS), path
+
+
+@pytest.mark.parametrize("script", ["train", "generate", "evaluate", "prepare", "bench"])
+def test_a_bad_command_line_is_one_error_line_like_every_other_mistake(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(["--no-such-option"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert_named(err, f"python {script}.py --help")
