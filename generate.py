@@ -191,6 +191,7 @@ def make_quiz(gen, args):
     }
     outputs = {"quiz.png": quiz, "answer.png": mark_answer(quiz, mask, cell_px)}
     replaced = existing(args.out, [*outputs, "answer.json"])
+    os.makedirs(args.out, exist_ok=True)  # only now: a refused quiz leaves no folder
     for name, picture in outputs.items():
         save_png(os.path.join(args.out, name), picture)
     with open(os.path.join(args.out, "answer.json"), "w") as f:
@@ -234,6 +235,7 @@ def make_interpolation(gen, args):
     by_row = images.reshape(args.points, args.frames, *images.shape[1:])
     frames = upscale(by_row[:, :-1].reshape(-1, *images.shape[1:]), GIF_PX)
     replaced = existing(args.out, ["interpolation.png", "interpolation.gif"])
+    os.makedirs(args.out, exist_ok=True)
     save_png(os.path.join(args.out, "interpolation.png"), grid)
     first, *rest = [Image.fromarray(f) for f in frames]
     first.save(os.path.join(args.out, "interpolation.gif"), save_all=True, append_images=rest,
@@ -247,6 +249,7 @@ def make_interpolation(gen, args):
 
 def make_samples(gen, args):
     """fake-NNNNNN.png in args.out, one batch in memory at a time; returns the summary line."""
+    os.makedirs(args.out, exist_ok=True)
     earlier = [int(match[1]) for match in map(SAMPLE_RE.fullmatch, os.listdir(args.out)) if match]
     replaced = sum(i < args.n for i in earlier)
     others = len(earlier) - replaced
@@ -270,7 +273,7 @@ def make_samples(gen, args):
 
 def existing(folder, names):
     """', replacing K existing files' for the names already in `folder`, else ''."""
-    present = set(os.listdir(folder))
+    present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     count = sum(name in present for name in names)
     return f", replacing {count} existing files" if count else ""
 
@@ -435,9 +438,9 @@ def main(argv=None):
         return 0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise runs.RunError(f"--out '{args.out}' is a file; give a folder")
+    runs.check_creatable(args.out)  # made only once every check has passed: a refusal leaves nothing
     gen = sampling.Generator(args.checkpoint, run_batch(args), threads)
     try:
-        os.makedirs(args.out, exist_ok=True)
         make = {"samples": make_samples, "turing": make_quiz, "interpolate": make_interpolation}
         print(make[args.mode](gen, args))
         print(f"checkpoint: {gen.prefix} (step {gen.step}), the generator's {gen.weights}")

@@ -248,7 +248,7 @@ def test_too_few_real_tiles_is_a_clear_error(smoke_run, tmp_path, capsys):
                          "--out", str(tmp_path / "q"), "--threads", "1"])
     # the folder, the tiles it holds, the tiles the quiz needs, and what to do
     assert_clear_error(code, capsys.readouterr().err, (few, "5", "20"), "--rows", "--cols",
-                       nothing_written=tmp_path / "q" / "quiz.png")
+                       nothing_written=tmp_path / "q")
 
 
 # ---------------------------------------------------------------- interpolation
@@ -362,7 +362,7 @@ def test_problems_with_real_tiles_say_what_to_do_with_real(smoke_run, tmp_path, 
                              "--out", str(tmp_path / "q"), "--threads", "1"])
         assert_clear_error(code, capsys.readouterr().err, "--real", real,
                            unnamed=["data.grayscale", "data.path"], listing=True,
-                           nothing_written=tmp_path / "q" / "quiz.png")
+                           nothing_written=tmp_path / "q")
 
 
 def test_missing_checkpoint_is_one_clear_line(smoke_run, tmp_path, capsys):
@@ -399,7 +399,7 @@ def test_real_takes_path_colon_split_like_evaluate(smoke_run, tmp_path, capsys):
     code = generate.cli(["--checkpoint", smoke_run, "--turing", "--real", f"{sample}:train",
                          "--split", "holdout", "--out", str(tmp_path / "quiz2")])
     assert_clear_error(code, capsys.readouterr().err, "--real", ("--split", "holdout"),
-                       "'train'", nothing_written=tmp_path / "quiz2" / "quiz.png")
+                       "'train'", nothing_written=tmp_path / "quiz2")
 
 
 def test_export_onto_a_file_says_it_is_a_file(smoke_run, tmp_path, capsys):
@@ -407,3 +407,10 @@ def test_export_onto_a_file_says_it_is_a_file(smoke_run, tmp_path, capsys):
     code = generate.cli(["--checkpoint", smoke_run, "--export", str(tmp_path / "gen")])
     assert_clear_error(code, capsys.readouterr().err, "--export", tmp_path / "gen")
     assert (tmp_path / "gen").read_text() == "mine"
+
+
+def test_an_out_under_a_file_is_a_clear_error(smoke_run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "sub"
+    code = generate.cli(["--checkpoint", smoke_run, "-n", "2", "--out", str(out)])
+    assert_clear_error(code, capsys.readouterr().err, "--out", str(tmp_path / "a_file"))
