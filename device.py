@@ -12,6 +12,7 @@ back (`held_stderr`): on a machine without a CUDA driver TensorFlow prints an
 line says the same thing plainly. Anything else TensorFlow prints is shown.
 """
 import contextlib
+import ctypes
 import dataclasses
 import os
 import re
@@ -47,7 +48,16 @@ def shown_lines(text, no_driver=False):
             and not (no_driver and CUINIT.search(line))], no_driver
 
 
-_no_driver = False  # TensorFlow said so at import: discovery's cuInit error follows from it
+def _driver_missing():
+    """Whether the machine has no CUDA driver library for TensorFlow to load."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return False
+    except OSError:
+        return True
+
+
+_no_driver = _driver_missing()  # then TensorFlow's cuInit error only says "no GPU here"
 
 
 @contextlib.contextmanager
