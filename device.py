@@ -209,6 +209,7 @@ def session_config(p):
     Mixed precision is a graph rewrite: variables, batch norm and losses stay
     float32, convolutions and matrix products run in bf16/fp16.
     """
+    gpus()  # the session would look for GPUs itself, with TensorFlow's notices showing
     proto = tf1.ConfigProto(intra_op_parallelism_threads=p.threads,
                             inter_op_parallelism_threads=p.inter_op_threads)
     proto.gpu_options.allow_growth = True  # share a GPU instead of taking all its memory
@@ -249,9 +250,9 @@ def memory_needed(graph, scopes):
 
     Variables: every global variable (weights, the four Adam optimisers' two
     slots each, batch-norm averages, the averaged copy of G). One step holds each
-    forward output of the nets in `scopes` until its gradient is taken, and a
-    gradient of the same size; the weights' gradients are counted once more.
-    An estimate from static shapes, not a measurement.
+    forward output of the nets in `scopes` until its gradient is taken (gradients
+    reuse freed buffers), and the weights' gradients. An estimate from static
+    shapes, a little above what a CPU run holds (docs/performance.md).
     """
     with graph.as_default():
         variables = sum(v.shape.num_elements() * v.dtype.base_dtype.size
@@ -266,7 +267,7 @@ def memory_needed(graph, scopes):
         for out in op.outputs:
             if out.dtype.is_floating and out.shape.is_fully_defined():
                 forward += out.shape.num_elements() * out.dtype.size
-    return variables, gradients + 2 * forward
+    return variables, gradients + forward
 
 
 def device_memory(kind):
