@@ -12,6 +12,7 @@ back (`held_stderr`): on a machine without a CUDA driver TensorFlow prints an
 line says the same thing plainly. Anything else TensorFlow prints is shown.
 """
 import contextlib
+import ctypes
 import dataclasses
 import os
 import re
@@ -47,7 +48,16 @@ def shown_lines(text, no_driver=False):
             and not (no_driver and CUINIT.search(line))], no_driver
 
 
-_no_driver = False  # TensorFlow said so at import: discovery's cuInit error follows from it
+def _driver_missing():
+    """Whether the machine has no CUDA driver library for TensorFlow to load."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return False
+    except OSError:
+        return True
+
+
+_no_driver = _driver_missing()  # then TensorFlow's cuInit error only says "no GPU here"
 
 
 @contextlib.contextmanager
@@ -199,6 +209,7 @@ def session_config(p):
     Mixed precision is a graph rewrite: variables, batch norm and losses stay
     float32, convolutions and matrix products run in bf16/fp16.
     """
+    gpus()  # the session would look for GPUs itself, with TensorFlow's notices showing
     proto = tf1.ConfigProto(intra_op_parallelism_threads=p.threads,
                             inter_op_parallelism_threads=p.inter_op_threads)
     proto.gpu_options.allow_growth = True  # share a GPU instead of taking all its memory
@@ -239,9 +250,9 @@ def memory_needed(graph, scopes):
 
     Variables: every global variable (weights, the four Adam optimisers' two
     slots each, batch-norm averages, the averaged copy of G). One step holds each
-    forward output of the nets in `scopes` until its gradient is taken, and a
-    gradient of the same size; the weights' gradients are counted once more.
-    An estimate from static shapes, not a measurement.
+    forward output of the nets in `scopes` until its gradient is taken (gradients
+    reuse freed buffers), and the weights' gradients. An estimate from static
+    shapes, a little above what a CPU run holds (docs/performance.md).
     """
     with graph.as_default():
         variables = sum(v.shape.num_elements() * v.dtype.base_dtype.size
@@ -256,7 +267,7 @@ def memory_needed(graph, scopes):
         for out in op.outputs:
             if out.dtype.is_floating and out.shape.is_fully_defined():
                 forward += out.shape.num_elements() * out.dtype.size
-    return variables, gradients + 2 * forward
+    return variables, gradients + forward
 
 
 def device_memory(kind):

@@ -330,6 +330,13 @@ def loop(cfg, run, batches, cache, evaluate, log, records, stop, step):
                 print_progress(record)
     except tf.errors.ResourceExhaustedError as e:  # in a step, an evaluation or a sample grid
         raise out_of_memory(run, step, e) from None
+    except tf.errors.UnimplementedError as e:  # an op with no deterministic kernel on this device
+        if not cfg.run.deterministic:
+            raise
+        raise runs.RunError(f"step {step}: run.deterministic asks for deterministic kernels and "
+                            f"this device has none for an op of the graph "
+                            f"({runs.error_cause(e)}); drop run.deterministic, or the option "
+                            f"that adds the op (e.g. model.upsample=resize)") from None
     return step
 
 

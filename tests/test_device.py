@@ -186,6 +186,17 @@ def test_out_of_memory_is_one_error_line_and_keeps_the_last_checkpoint(
     assert not os.path.exists(out / "lock")
 
 
+def test_an_op_without_a_deterministic_kernel_is_one_error_line_naming_the_key(
+        tiles_dir, tmp_path, capsys, monkeypatch):
+    def unimplemented(*_, **__):
+        raise tf.errors.UnimplementedError(None, None, "A deterministic GPU implementation of "
+                                           "ResizeNearestNeighborGrad is not available")
+    monkeypatch.setattr(gan, "run_step", unimplemented)
+    code = train.cli(argv(tiles_dir, tmp_path / "run", "train.steps=2", "run.deterministic=true"))
+    assert code == 2
+    assert_one_error(capsys.readouterr().err, "step 1", "run.deterministic")
+
+
 def test_a_long_cpu_run_under_auto_says_how_many_hours(tiles_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(device, "matmul_gflops", lambda: 1e-6)  # a very slow CPU
     assert train.cli(argv(tiles_dir, tmp_path / "a", "train.steps=1")) == 0
