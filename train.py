@@ -222,8 +222,8 @@ def warn_if_long(cfg, graph, done):
     if hours > device.LONG_RUN_HOURS:
         print(f"warning: no GPU, so this run trains on the CPU: about {hours:,.0f} hours for "
               f"{cfg.train.steps - done:,} steps (estimated from its FLOPs and this CPU's matrix "
-              f"product speed); a GPU machine runs it (README, \"On a GPU\"), configs/cpu.json is sized "
-              f"for a CPU, and --set run.device=cpu trains here without this warning",
+              f"product speed); a GPU machine runs it (README, \"On a GPU\"), configs/cpu.json "
+              f"is sized for a CPU, and --set run.device=cpu trains here without this warning",
               file=sys.stderr, flush=True)
 
 
