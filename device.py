@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 
+import config as config_lib
 from cli import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's info and warning lines
@@ -167,7 +168,6 @@ def plan(kind, cfg=None, threads=0, tuned=True):
     """
     if kind not in KINDS:
         raise ValueError(f"device kind must be one of {KINDS}, got {kind!r}")
-    import config as config_lib
     run = cfg.run if cfg is not None else None
     if run:
         threads = run.threads or config_lib.default_threads()  # Lesson 28
@@ -184,6 +184,11 @@ def plan(kind, cfg=None, threads=0, tuned=True):
                 small_maps_as_matmul=cpu,
                 onednn_bf16=precision == "bf16", fp16=precision == "fp16",
                 xla=bool(run and run.xla))
+
+
+def inference_plan(threads):
+    """The plan of a session that only generates or measures, on the device TensorFlow sees."""
+    return plan(choose("auto"), threads=threads)
 
 
 # Batch norm stays float32 under the bf16 rewrite: normalising in bf16 trained

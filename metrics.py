@@ -169,8 +169,7 @@ def ms_ssim_scales(side):
 
 
 def _session(graph, threads):
-    return tf1.Session(graph=graph, config=device.session_config(
-        device.plan(device.choose("auto"), threads=threads)))
+    return tf1.Session(graph=graph, config=device.session_config(device.inference_plan(threads)))
 
 
 def ms_ssim_mean(images, pairs=1000, seed=0, batch_size=500, threads=0):

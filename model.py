@@ -46,7 +46,8 @@ def conv2d(x, filters, kernel, stride, name, small_maps_as_matmul=True):
     """Strided convolution, SAME padding: size / stride (Lesson 21: no pooling)."""
     with tf1.variable_scope(name):
         w = _weight("w", [kernel, kernel, int(x.shape[-1]), filters])
-        if small_maps_as_matmul and _as_matmul(int(x.shape[1]) // stride, int(x.shape[1]), filters):
+        size = int(x.shape[1])
+        if small_maps_as_matmul and _as_matmul(size // stride, size, filters):
             y = _conv_as_matmul(x, w, stride)
         else:
             y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME")
@@ -57,7 +58,8 @@ def deconv2d(x, filters, kernel, stride, name, small_maps_as_matmul=True):
     """Fractionally-strided (transposed) convolution: size * stride (Lesson 21)."""
     with tf1.variable_scope(name):
         w = _weight("w", [kernel, kernel, filters, int(x.shape[-1])])
-        if small_maps_as_matmul and _as_matmul(int(x.shape[1]), int(x.shape[1]) * stride, int(x.shape[-1])):
+        size = int(x.shape[1])
+        if small_maps_as_matmul and _as_matmul(size, size * stride, int(x.shape[-1])):
             return tf.nn.bias_add(_deconv_as_matmul(x, w, stride), _bias("b", filters))
         _, h, wd, _ = x.shape.as_list()
         batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
@@ -212,7 +214,8 @@ def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
         for i in range(1, levels + 1):
             last = i == levels and extra_layers == 0
             filters = channels if last else gen_filters // 2 ** i
-            x = upsample2x(x, filters, kernel, upsample, f"up{i}", small_maps_as_matmul)  # [N, 4*2^i, 4*2^i, F/2^i]
+            x = upsample2x(x, filters, kernel, upsample, f"up{i}",
+                           small_maps_as_matmul)  # [N, 4*2^i, 4*2^i, F/2^i]
             if last:
                 return tf.tanh(x)
             x = act(bn(x, f"up{i}_bn"))
@@ -243,7 +246,8 @@ def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel
         x = x_in
         full_res_filters = disc_filters // 2 ** levels
         for j in range(extra_layers, 0, -1):
-            x = conv2d(x, full_res_filters, kernel, 1, f"same{j}", small_maps_as_matmul)  # [N, S, S, F/2^levels]
+            x = conv2d(x, full_res_filters, kernel, 1, f"same{j}",
+                       small_maps_as_matmul)  # [N, S, S, F/2^levels]
             x = act(x if first else bn(x, f"same{j}_bn"))
             first = False
         for i in range(levels, 0, -1):

@@ -119,7 +119,7 @@ class Generator:
         m = self.cfg.model
         self.z_dim, self.z_dist, self.batch_size = m.z_dim, m.z_dist, batch_size
         self.scope, self.weights = weights_scope(self.cfg), describe_weights(self.cfg)
-        plan = device.plan(device.choose("auto"), threads=threads)
+        plan = device.inference_plan(threads)
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.z_in = tf1.placeholder(tf.float32, [batch_size, m.z_dim], "z_in")
