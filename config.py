@@ -66,6 +66,9 @@ class TrainConfig:
     g_average: float = 0.0         # decay of a moving average of G's weights that samples,
                                    # evaluations and generate.py use (0 = off; e.g. 0.999);
                                    # training itself never reads it
+    d_augment: str = ""            # augment every image D sees, reals and fakes, in D's and G's
+                                   # updates (Zhao et al. 2020): comma-separated names of
+                                   # color, translation, cutout ("" = off)
 
 
 @dataclass
@@ -102,6 +105,8 @@ CHOICES = {
 
 # Keys that change the shape or meaning of the checkpointed graph, or of the
 # history cache kept beside it: a resume must keep the run's values.
+D_AUGMENTS = ("color", "translation", "cutout")
+
 ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
                      "model.gen_filters", "model.disc_filters", "model.extra_layers",
                      "model.gen_leaky", "model.upsample", "train.batch_size", "train.history_size",
@@ -206,8 +211,22 @@ def validate(cfg):
     if d.load_size and d.load_size < size:
         raise ConfigError(f"config key 'data.load_size' must be 0 (off) or >= model.image_size "
                           f"{size}, got {d.load_size}")
+    augmentations(cfg)
     if not d.path:
         raise ConfigError("config key 'data.path' is empty: give the folder of training tiles")
+
+
+def augmentations(cfg):
+    """train.d_augment as a tuple of names: 'color, cutout' -> ('color', 'cutout'); '' -> ()."""
+    names = tuple(name.strip() for name in cfg.train.d_augment.split(",") if name.strip())
+    for name in names:
+        if name not in D_AUGMENTS:
+            raise ConfigError(f"config key 'train.d_augment' names {name!r}; give a comma-separated "
+                              f"list of {', '.join(D_AUGMENTS)}, or \"\" for none")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'train.d_augment' names an augmentation twice: "
+                          f"{cfg.train.d_augment!r}")
+    return names
 
 
 def load_size(cfg):

@@ -8,6 +8,8 @@ twice, then fetches the losses in a run of their own (Lessons 15, 39).
 import numpy as np
 import tensorflow as tf
 
+import config
+import d_augment
 import data
 import device
 import model
@@ -74,7 +76,12 @@ def build_graph(cfg, plan=None):
     fakes_for_d = g["fakes_in"] * (1.0 - mask) + to_signed(g["history_u8_in"]) * mask
 
     # Lesson 38: one D call on one batch of reals and fakes; losses on its halves.
-    logits = model.discriminator(tf.concat([reals, fakes_for_d], 0), g["is_training_in"], **kw)
+    d_in = tf.concat([reals, fakes_for_d], 0)  # [2B, S, S, C]
+    names = config.augmentations(cfg)
+    if names:  # train.d_augment: off in the write-up's config
+        g["augment_in"], augment = d_augment.build(2 * B, S, names)
+        d_in = augment(d_in)
+    logits = model.discriminator(d_in, g["is_training_in"], **kw)
     real_logits, fake_logits = logits[:B], logits[B:]  # [B], [B]
     ce = tf.nn.sigmoid_cross_entropy_with_logits
     g["d_real_loss"] = tf.reduce_mean(ce(labels=tf.ones([B]), logits=real_logits))
@@ -187,17 +194,21 @@ def run_step(sess, g, cfg, batches, cache, step, force_path=None):
     n_history = history_count(t.batch_size, t.history_fraction)
     history_used = use_history(rng.random(), t.history_prob, len(cache), n_history)
     history = cache.sample(n_history) if history_used else None
-    record, fakes = train_step(sess, g, reals, z, history, history_used, force_path)
+    names = config.augmentations(cfg)
+    augment = d_augment.draw(rng, 2 * t.batch_size, m.image_size, names) if names else None
+    record, fakes = train_step(sess, g, reals, z, history, history_used, force_path, augment)
     cache.add(to_u8(fakes[0]))  # Lesson 34: from the generated batch, stored as uint8
     return record
 
 
-def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None):
+def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None, augment=None):
     """One training step on one batch; returns (record to log, the generated batch).
 
-    `force_path` is for the benchmark, which times paths A and B apart.
+    `force_path` is for the benchmark, which times paths A and B apart; `augment`
+    (d_augment.draw) is what every image D sees this step goes through.
     """
-    feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z}
+    augment_feed = {g["augment_in"][k]: v for k, v in (augment or {}).items()}
+    feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z, **augment_feed}
     if history_used:
         mask = np.zeros(len(z), np.float32)
         mask[:len(history_u8)] = 1.0
@@ -220,7 +231,7 @@ def train_step(sess, g, reals_u8, z, history_u8, history_used, force_path=None):
         sess.run(g["d_total_op"], d_feed)
 
     # Update G twice: maximize log(D(G(z))) on its own fakes only.
-    g_feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z}
+    g_feed = {g["reals_u8_in"]: reals_u8, g["z_in"]: z, **augment_feed}
     sess.run(g["g_op"], g_feed)
     sess.run(g["g_op"], g_feed)
     if "g_average_op" in g:  # the averaged copy follows; training never reads it

@@ -268,6 +268,9 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
     if t.g_average:
         print(f"samples and evaluations: G's averaged weights (train.g_average {t.g_average})")
+    if config_lib.augmentations(cfg):
+        print(f"D sees every image through: {', '.join(config_lib.augmentations(cfg))} "
+              f"(train.d_augment)")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
     step = loop(cfg, run, batches, cache, evaluate, log, records, stop, step)

@@ -84,14 +84,17 @@ def as_half(attrs):
     return half
 
 
-@pytest.mark.parametrize("precision", ["none", "fp16"])
-def test_every_op_of_a_training_step_has_a_gpu_kernel(precision):
-    cfg = config.load(ARTICLE, SMALLER + [f"run.mixed_precision={precision}"])
+@pytest.mark.parametrize("precision, extra", [("none", []), ("fp16", []),
+                                               ("none", ["train.d_augment=color,translation,cutout"])])
+def test_every_op_of_a_training_step_has_a_gpu_kernel(precision, extra):
+    cfg = config.load(ARTICLE, SMALLER + [f"run.mixed_precision={precision}"] + extra)
     assert not device.plan("gpu", cfg).small_maps_as_matmul  # filters change no op here
     assert not has_gpu_kernel("SaveV2", {})  # the check can fail: the Saver's op is CPU-only
     nodes = step_nodes(cfg)
     assert {"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "FusedBatchNormV3",
             "FusedBatchNormGradV3", "ResourceApplyAdam"} <= {op for op, _ in nodes}
+    if extra:  # the augmentation's own ops are in the step
+        assert {"GatherV2", "Pad"} <= {op for op, _ in nodes}
     missing = {op for op, attrs in nodes if not has_gpu_kernel(op, attrs)} - set(HOST_ONLY)
     assert not missing
     if precision == "fp16":  # whichever float32 op the rewrite turns to float16 has a kernel

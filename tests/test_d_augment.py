@@ -1,0 +1,169 @@
+"""train.d_augment: every image D sees goes through one random colour, translation and cutout."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import config
+import d_augment
+import data
+import gan
+from history_cache import HistoryCache
+from conftest import ROOT, assert_clear_error, built, run_script
+
+tf1 = tf.compat.v1
+N, S = 6, 16
+
+
+def augmented(images, values, names=config.D_AUGMENTS):
+    """The graph's augmentation `names` of `images` [N, S, S, 3] fed `values`."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x_in = tf1.placeholder(tf.float32, images.shape)
+        inputs, apply = d_augment.build(len(images), images.shape[1], names)
+        out = apply(x_in)
+        with tf1.Session() as sess:
+            return sess.run(out, {x_in: images, **{inputs[k]: v for k, v in values.items()}})
+
+
+def reference(images, values):
+    """The same augmentation written out pixel by pixel in NumPy."""
+    x = images.astype(np.float64)
+    if "brightness" in values:
+        x = x + values["brightness"][:, None, None, None]
+        mean = x.mean(axis=3, keepdims=True)
+        x = (x - mean) * values["saturation"][:, None, None, None] + mean
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * values["contrast"][:, None, None, None] + mean
+    if "shift" in values:
+        shifted = np.zeros_like(x)
+        for i, (dy, dx) in enumerate(values["shift"]):
+            for y in range(S):
+                for c in range(S):
+                    if 0 <= y + dy < S and 0 <= c + dx < S:
+                        shifted[i, y, c] = x[i, y + dy, c + dx]
+        x = shifted
+    if "keep" in values:
+        x = x * values["keep"][..., None]
+    return x
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).uniform(-1, 1, (N, S, S, 3)).astype(np.float32)
+
+
+def test_fed_nothing_it_is_the_identity(images):
+    np.testing.assert_allclose(augmented(images, {}), images, atol=1e-6)
+    assert d_augment.draw(np.random.default_rng(0), N, S, ()) == {}
+
+
+@pytest.mark.parametrize("names", [("color",), ("translation",), ("cutout",), config.D_AUGMENTS])
+def test_each_augmentation_is_what_it_says(images, names):
+    values = d_augment.draw(np.random.default_rng(1), N, S, names)
+    got = augmented(images, values, names)
+    np.testing.assert_allclose(got, reference(images, values), atol=1e-5)
+    assert not np.allclose(got, images)  # each one does something to every draw of six images
+    if "translation" in names:
+        assert np.abs(values["shift"]).max() <= S // 8 and np.abs(values["shift"]).max() > 0
+    if "cutout" in names:  # a square of half the side, cut where it lies inside the tile
+        cut = (values["keep"] == 0).sum(axis=(1, 2))
+        assert (cut > 0).all() and (cut <= (S // 2) ** 2).all()
+        assert (got[values["keep"] == 0] == 0).all()
+
+
+def test_d_sees_the_augmented_images_and_g_learns_through_them():
+    """D's input is augmented in G's loss too, and G's gradient flows back through it."""
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),
+                      ["train.d_augment=color,translation,cutout"])
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(0)
+        g = gan.build_graph(cfg)
+        grad = tf.gradients(g["g_loss"], g["fakes_out"])[0]  # [B, S, S, 3]
+    sess = tf1.Session(graph=graph)
+    sess.run(g["init_op"])
+    B, S_, Z = cfg.train.batch_size, cfg.model.image_size, cfg.model.z_dim
+    rng = np.random.default_rng(0)
+    feed = {g["reals_u8_in"]: rng.integers(0, 256, (B, S_, S_, 3), dtype=np.uint8),
+            g["z_in"]: rng.uniform(-1, 1, (B, Z)).astype(np.float32)}
+    values = d_augment.draw(rng, 2 * B, S_, config.augmentations(cfg))
+    augmented_feed = {**feed, **{g["augment_in"][k]: v for k, v in values.items()}}
+    plain_loss, plain_grad = sess.run([g["g_loss"], grad], feed)
+    loss, through = sess.run([g["g_loss"], grad], augmented_feed)
+    assert loss != plain_loss and np.isfinite(through).all()
+    keep = values["keep"][B:]  # where the fake half was cut out, G gets no gradient
+    shift = np.abs(values["shift"][B:]).max()
+    inner = (slice(None), slice(shift, S_ - shift), slice(shift, S_ - shift))
+    assert (np.abs(through).sum(axis=3)[inner][keep[inner] == 1] > 0).mean() > 0.9
+    blank = {g["augment_in"]["keep"]: np.zeros((2 * B, S_, S_), np.float32)}
+    assert not sess.run(grad, {**feed, **blank}).any()  # D saw nothing of the fakes
+
+
+def test_a_training_step_feeds_it_to_every_update():
+    """Cut out everything: D sees blank images, so G's updates get no gradient at all."""
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),
+                      ["train.d_augment=cutout", "model.reg_scale=0"])
+    graph, g, sess = built(cfg)
+    B, S_, Z = cfg.train.batch_size, cfg.model.image_size, cfg.model.z_dim
+    rng = np.random.default_rng(0)
+    reals = rng.integers(0, 256, (B, S_, S_, 3), dtype=np.uint8)
+    z = rng.uniform(-1, 1, (B, Z)).astype(np.float32)
+    with graph.as_default():
+        g_vars = tf1.trainable_variables("generator/")
+    before = sess.run(g_vars)
+    blank = {"keep": np.zeros((2 * B, S_, S_), np.float32)}
+    record, _ = gan.train_step(sess, g, reals, z, None, False, augment=blank)
+    assert record["d_real_acc"] + record["d_fake_acc"] in (0.0, 1.0, 2.0)  # one logit for all
+    assert all(np.array_equal(a, b) for a, b in zip(before, sess.run(g_vars)))
+    gan.train_step(sess, g, reals, z, None, False)  # not cut out: G learns
+    assert not all(np.array_equal(a, b) for a, b in zip(before, sess.run(g_vars)))
+
+
+def test_a_step_draws_its_augmentation_by_seed_and_step(monkeypatch):
+    """A resumed run augments step k as the uninterrupted run did."""
+    cfg = config.load(os.path.join(ROOT, "configs", "smoke.json"),
+                      ["train.d_augment=color,translation,cutout"])
+    B, S_ = cfg.train.batch_size, cfg.model.image_size
+    tiles = np.random.default_rng(0).integers(0, 256, (3 * B, S_, S_, 3), dtype=np.uint8)
+    seen = {}
+
+    def step(sess, g, reals, z, history, used, force_path=None, augment=None):
+        seen.setdefault(len(seen), augment)
+        return {}, np.zeros((B, S_, S_, 3), np.float32)
+
+    monkeypatch.setattr(gan, "train_step", step)
+    whole, resumed = HistoryCache(64, (S_, S_, 3)), HistoryCache(64, (S_, S_, 3))
+    for k in (1, 2, 3):
+        gan.run_step(None, None, cfg, data.Batches(tiles, [""] * len(tiles), B, S_, seed=1),
+                     whole, k)
+    gan.run_step(None, None, cfg, data.Batches(tiles, [""] * len(tiles), B, S_, seed=1),
+                 resumed, 3)
+    assert set(seen[2]) == {"brightness", "saturation", "contrast", "shift", "keep"}
+    assert all(np.array_equal(seen[2][k], seen[3][k]) for k in seen[2])
+    assert not np.array_equal(seen[1]["shift"], seen[2]["shift"])
+
+
+def test_off_in_the_write_ups_config_and_nothing_built():
+    cfg = config.load(os.path.join(ROOT, "configs", "article.json"))
+    assert cfg.train.d_augment == "" and config.augmentations(cfg) == ()
+    _, g, _ = built(config.load(os.path.join(ROOT, "configs", "smoke.json")))
+    assert "augment_in" not in g
+
+
+def test_a_run_says_it_augments(tmp_path):
+    proc = run_script("train.py", "--config", "configs/smoke.json", "--set", "train.steps=2",
+                      "--set", "train.d_augment=translation, cutout", "--out", tmp_path / "run",
+                      check=True)
+    line = next(line for line in proc.stdout.splitlines() if "train.d_augment" in line)
+    assert "translation" in line and "cutout" in line and "color" not in line
+
+
+@pytest.mark.parametrize("value, named", [("blur", "blur"), ("cutout,cutout", "twice")])
+def test_an_unknown_or_repeated_augmentation_is_one_clear_error(tmp_path, value, named):
+    out = tmp_path / "run"
+    proc = run_script("train.py", "--config", "configs/smoke.json", "--set",
+                      f"train.d_augment={value}", "--out", out)
+    assert_clear_error(proc.returncode, proc.stderr, "train.d_augment", named,
+                       nothing_written=[out])
