@@ -196,10 +196,11 @@ def train_and_holdout(args, run_cfg, image_size, notes, load_size=None):
 
 # ---------------------------------------------------------------- fakes
 
-def generate_fakes(checkpoint, n, seed, threads=0):
-    """(uint8 fakes [n, S, S, 3], step, run config, prefix) from a checkpoint in inference mode."""
+def generate_fakes(checkpoint, n, seed, threads=0, weights=None):
+    """(uint8 fakes [n, S, S, 3], step, run config, prefix, weights described) from a
+    checkpoint in inference mode; `weights` as sampling.weights_scope takes it."""
     import sampling  # TensorFlow loads only when a checkpoint is evaluated
-    gen = sampling.Generator(checkpoint, threads=threads)
+    gen = sampling.Generator(checkpoint, threads=threads, weights=weights)
     every = max(gen.batch_size, n // 4 // gen.batch_size * gen.batch_size)
 
     def progress(done, total):
@@ -262,6 +263,9 @@ def parse_args(argv):
     fakes.add_argument("--checkpoint", metavar="PREFIX_OR_RUN_DIR",
                        help="generate the fakes with this checkpoint (a run folder's newest, or "
                             "a prefix like RUN/checkpoints/model-500)")
+    p.add_argument("--weights", choices=("averaged", "trained"),
+                   help="with --checkpoint: the generator's averaged weights (the default when "
+                        "the run kept them, train.g_average) or its trained ones")
     p.add_argument("-n", type=int, default=2048, help="images per set (default 2048)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the real sample, the latents and every metric (default 0)")
@@ -280,6 +284,8 @@ def parse_args(argv):
         p.error(f"-n must be at least {MIN_IMAGES}")
     if args.seed < 0:
         p.error("--seed must be >= 0")
+    if args.weights and not args.checkpoint:
+        p.error("--weights goes with --checkpoint")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
     args.threads = args.threads or config_lib.default_threads()  # Lesson 28
@@ -319,7 +325,7 @@ def main(argv=None):
         t = time.time()
         print(f"generating {len(real)} fakes with {prefix} ...", flush=True)
         fake, step, run_cfg, prefix, weights = generate_fakes(args.checkpoint, len(real),
-                                                              args.seed, args.threads)
+                                                              args.seed, args.threads, args.weights)
         timings["generate"] = time.time() - t
         fake_desc = f"checkpoint {prefix} (step {step}, the generator's {weights})"
         checkpoint_info = {"checkpoint": prefix, "checkpoint_step": step}

@@ -280,8 +280,11 @@ def existing(folder, names):
 
 # ---------------------------------------------------------------- SavedModel
 
-def export_saved_model(prefix, run_dir, cfg, export_dir, step):
-    """A SavedModel of the generator in inference mode: z float32 [None, z_dim] -> uint8 images."""
+def export_saved_model(prefix, run_dir, cfg, export_dir, step, weights=None):
+    """A SavedModel of the generator in inference mode: z float32 [None, z_dim] -> uint8 images.
+
+    `weights`: as sampling.weights_scope takes it (None: the run's averaged copy if it kept one).
+    """
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise runs.RunError(f"--export '{export_dir}' is a file; give a new folder")
     if os.path.isdir(export_dir) and os.listdir(export_dir):
@@ -291,7 +294,7 @@ def export_saved_model(prefix, run_dir, cfg, export_dir, step):
     graph = tf.Graph()
     with graph.as_default():
         z_in = tf1.placeholder(tf.float32, [None, m.z_dim], "z_in")  # dynamic batch
-        scope = sampling.weights_scope(cfg)
+        scope = sampling.weights_scope(cfg, weights, run_dir)
         images_out = sampling.inference_images(z_in, m, scope)  # [None, S, S, 3] uint8
         signature = tf1.saved_model.predict_signature_def({"z": z_in}, {"images": images_out})
         # Restored and written, never run: the CPU's session, whatever the machine has.
@@ -310,12 +313,14 @@ def export_saved_model(prefix, run_dir, cfg, export_dir, step):
     extra = os.path.join(export_dir, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     with open(os.path.join(extra, "satgan.json"), "w") as f:
-        json.dump({"checkpoint": os.path.abspath(prefix), "step": step, "z_dim": m.z_dim,
+        json.dump({"checkpoint": os.path.abspath(prefix), "step": step,
+                   "weights": sampling.describe_weights(cfg, scope), "z_dim": m.z_dim,
                    "z_dist": m.z_dist, "image_size": m.image_size, "config": cfg.to_dict()},
                   f, indent=1)
         f.write("\n")
     S = m.image_size
-    return (f"exported the generator (step {step}) to {export_dir}: signature serving_default, "
+    return (f"exported the generator (step {step}, {sampling.describe_weights(cfg, scope)}) to "
+            f"{export_dir}: signature serving_default, "
             f"z float32 [None, {m.z_dim}] ({m.z_dist}) -> images uint8 [None, {S}, {S}, 3]")
 
 
@@ -371,6 +376,9 @@ def parse_args(argv):
                       help="write a TF SavedModel of the generator to DIR")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (created if needed); not with --export")
+    p.add_argument("--weights", choices=("averaged", "trained"),
+                   help="the generator's averaged weights (the default when the run kept them, "
+                        "train.g_average) or its trained ones")
     p.add_argument("-n", type=int, metavar="N", help="samples: number of images (default 64)")
     p.add_argument("--batch-size", type=int, metavar="B", default=64,
                    help=f"images per session run (default 64, at most {MAX_BATCH}); the images "
@@ -434,12 +442,13 @@ def main(argv=None):
     if args.mode == "export":
         prefix, run_dir = runs.resolve_checkpoint(args.checkpoint)
         cfg = runs.read_run_config(run_dir)
-        print(export_saved_model(prefix, run_dir, cfg, args.export, runs.checkpoint_step(prefix)))
+        print(export_saved_model(prefix, run_dir, cfg, args.export, runs.checkpoint_step(prefix),
+                                 args.weights))
         return 0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise runs.RunError(f"--out '{args.out}' is a file; give a folder")
     runs.check_creatable(args.out)  # made only once every check has passed: a refusal leaves nothing
-    gen = sampling.Generator(args.checkpoint, run_batch(args), threads)
+    gen = sampling.Generator(args.checkpoint, run_batch(args), threads, args.weights)
     try:
         make = {"samples": make_samples, "turing": make_quiz, "interpolate": make_interpolation}
         print(make[args.mode](gen, args))

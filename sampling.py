@@ -52,14 +52,19 @@ def generate_u8(sess, z_in, images_out, z, feed=None, progress=None):
 
 # ---------------------------------------------------------------- a checkpoint's generator
 
-def weights_scope(cfg):
-    """The generator a run shows: its averaged weights when train.g_average was on."""
-    return model.AVERAGE_SCOPE if cfg.train.g_average else model.GEN_SCOPE
+def weights_scope(cfg, weights=None, run_dir="the run"):
+    """The generator a run shows: its averaged weights when train.g_average was on, unless
+    `weights` ("averaged" or "trained", None = the run's choice) asks for the other copy."""
+    if weights == "averaged" and not cfg.train.g_average:
+        raise runs.RunError(f"--weights averaged: {run_dir} kept no averaged weights "
+                            f"(train.g_average was 0); leave --weights out or give trained")
+    averaged = weights == "averaged" or (weights is None and cfg.train.g_average)
+    return model.AVERAGE_SCOPE if averaged else model.GEN_SCOPE
 
 
-def describe_weights(cfg):
-    return (f"averaged weights (train.g_average {cfg.train.g_average})" if cfg.train.g_average
-            else "trained weights")
+def describe_weights(cfg, scope):
+    return (f"averaged weights (train.g_average {cfg.train.g_average})"
+            if scope == model.AVERAGE_SCOPE else "trained weights")
 
 
 def inference_images(z_in, m, scope=model.GEN_SCOPE, plan=None):
@@ -108,17 +113,19 @@ class Generator:
     """The generator of a checkpoint, in inference mode (moving-average batch norm).
 
     The architecture comes from the run's config.json; only the generator's
-    variables are restored: its averaged copy when the run kept one (train.g_average). `generate(z)` takes any number of latents and
-    returns uint8 images [N, S, S, 3], computed `batch_size` at a time.
+    variables are restored: its averaged copy when the run kept one (train.g_average), unless
+    `weights` asks for the other (weights_scope). `generate(z)` takes any number of latents
+    and returns uint8 images [N, S, S, 3], computed `batch_size` at a time.
     """
 
-    def __init__(self, checkpoint, batch_size=64, threads=0):
+    def __init__(self, checkpoint, batch_size=64, threads=0, weights=None):
         self.prefix, self.run_dir = runs.resolve_checkpoint(checkpoint)
         self.cfg = runs.read_run_config(self.run_dir)
         self.step = runs.checkpoint_step(self.prefix)
         m = self.cfg.model
         self.z_dim, self.z_dist, self.batch_size = m.z_dim, m.z_dist, batch_size
-        self.scope, self.weights = weights_scope(self.cfg), describe_weights(self.cfg)
+        self.scope = weights_scope(self.cfg, weights, self.run_dir)
+        self.weights = describe_weights(self.cfg, self.scope)
         plan = device.inference_plan(threads)
         self.graph = tf.Graph()
         with self.graph.as_default():

@@ -8,7 +8,7 @@ import tensorflow as tf
 import config
 import gan
 import model
-from conftest import ROOT, built, run_script
+from conftest import ROOT, assert_clear_error, built, run_script
 
 tf1 = tf.compat.v1
 
@@ -87,6 +87,33 @@ def test_generation_uses_the_averaged_weights_and_says_so(averaged_run, tmp_path
     proc = run_script("generate.py", "--checkpoint", averaged_run, "-n", 4, "--out",
                       tmp_path / "fakes", check=True)
     assert "averaged" in proc.stdout and "train.g_average" in proc.stdout
+
+
+def test_weights_trained_shows_the_other_copy(averaged_run, tmp_path):
+    """--weights trained: the raw G of a run that kept an average, to compare the two."""
+    shown = {}
+    for weights in ("averaged", "trained"):
+        out = tmp_path / weights
+        proc = run_script("generate.py", "--checkpoint", averaged_run, "-n", 4, "--seed", 3,
+                          "--weights", weights, "--out", out, check=True)
+        assert f"{weights} weights" in proc.stdout
+        shown[weights] = [(out / f"fake-{i:06d}.png").read_bytes() for i in range(4)]
+    default = tmp_path / "default"
+    run_script("generate.py", "--checkpoint", averaged_run, "-n", 4, "--seed", 3, "--out", default,
+               check=True)
+    assert [(default / f"fake-{i:06d}.png").read_bytes() for i in range(4)] == shown["averaged"]
+    assert shown["trained"] != shown["averaged"]
+    proc = run_script("evaluate.py", "--real", "data", "-n", 8, "--checkpoint", averaged_run,
+                      "--weights", "trained", check=True)
+    assert "trained weights" in proc.stdout
+
+
+def test_weights_averaged_of_a_run_without_an_average_is_one_clear_error(smoke_run, tmp_path):
+    out = tmp_path / "fakes"
+    for script, args in (("generate.py", ["--out", out]), ("evaluate.py", ["--real", "data"])):
+        proc = run_script(script, "--checkpoint", smoke_run, "--weights", "averaged", *args)
+        assert_clear_error(proc.returncode, proc.stderr, "--weights", "train.g_average",
+                           nothing_written=[out])
 
 
 def test_resume_is_exact_with_the_average(averaged_run, tmp_path):
