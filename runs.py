@@ -529,7 +529,8 @@ class Run:
 
     The session and graph tensors (`g`, from gan.build_graph) a checkpoint
     saves and restores, the history cache and the sidecar `state` saved with
-    them, the TensorBoard writer the samples go to, and the step of the newest
+    them, the TensorBoard writer the samples go to, the log (a Log, once
+    opened) and the step records trained so far, and the step of the newest
     checkpoint of this process.
     """
 
@@ -538,6 +539,7 @@ class Run:
         self.ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
         self.sample_dir = os.path.join(run_dir, "samples")
         self.state = {}  # sample_z and data_state(): what a sidecar keeps besides the cache
+        self.log, self.records = None, []  # log.jsonl and its step records (losses.png)
         self.saved_step = 0
 
     def save(self, step, name="model"):

@@ -243,7 +243,7 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
         step, saved = run.restore(prefix)
         sample_z, data_changed = saved["sample_z"], runs.data_change(saved, data_now)
         logged = runs.truncate_log(log_path, step)
-        records = [r for r in logged if "event" not in r]
+        run.records = [r for r in logged if "event" not in r]
         # TensorBoard drops what earlier event files hold after this step (redone steps).
         writer.add_session_log(tf1.SessionLog(status=tf1.SessionLog.START), step)
         print(f"resumed {prefix} at step {step}" + (f"; changed: {changed}" if changed else ""))
@@ -255,13 +255,13 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
         runs.write_config(run_dir, cfg)  # only now: a resume that fails leaves config.json as it was
     else:  # main wrote config.json before anything else
         sess.run(g["init_op"])
-        step, records, logged = 0, [], []
+        step, logged = 0, []
         runs.truncate_log(log_path, 0)  # a run restarted before its first checkpoint logs anew
         sample_z = sample_latents(np.random.default_rng([t.seed, 0xFACE]),
                                   (t.batch_size, m.z_dim), m.z_dist)  # Lesson 10
-    log = runs.Log(log_path)
+    run.log = runs.Log(log_path)
     if prefix:
-        log.write({"event": "resume", "step": step, "checkpoint": prefix, "changed": changed,
+        run.log.write({"event": "resume", "step": step, "checkpoint": prefix, "changed": changed,
                    **({"data_changed": data_changed} if data_changed else {})})
     run.state = {"sample_z": sample_z, **data_now}
     stop = StopFlag()
@@ -273,15 +273,15 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
               f"(train.d_augment)")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
-    step = loop(cfg, run, batches, cache, evaluate, log, records, stop, step)
+    step = loop(cfg, run, batches, evaluate, stop, step)
 
     if stop.signal is not None:
-        save_on_stop(run, step, records)
+        save_on_stop(run, step)
         print(f"stopped by {stop.signal} after step {step}; {run.how_to_go_on(step)}")
     else:
         print(f"done: {step} steps; samples in {run.sample_dir}, checkpoints in {run.ckpt_dir}")
     writer.close()
-    log.close()
+    run.log.close()
     sess.close()
     return 0
 
@@ -296,18 +296,18 @@ def out_of_memory(run, step, e):
                          f"free the device's memory and --resume {run.dir}")
 
 
-def loop(cfg, run, batches, cache, evaluate, log, records, stop, step):
+def loop(cfg, run, batches, evaluate, stop, step):
     """Train from `step` until train.steps or a stop signal; returns the last step trained."""
-    t, sess, g, writer = cfg.train, run.sess, run.g, run.writer
+    t, sess, g, writer, log = cfg.train, run.sess, run.g, run.writer, run.log
     try:
         while step < t.steps and stop.signal is None:
             step_started = time.time()
             step += 1
             try:
-                record = gan.run_step(sess, g, cfg, batches, cache, step)
+                record = gan.run_step(sess, g, cfg, batches, run.cache, step)
             except data.DataError as e:  # a tile read from disk (data.in_memory: false) went bad
                 step -= 1
-                save_on_stop(run, step, records)
+                save_on_stop(run, step)
                 raise data.DataError(f"{e}; training stopped after step {step}, "
                                      f"{run.how_to_go_on(step)}") from None
 
@@ -317,7 +317,7 @@ def loop(cfg, run, batches, cache, evaluate, log, records, stop, step):
                 raise run.diverged(step, record, bad)
             record = {"step": step, **record,
                       "imgs_per_s": t.batch_size / (time.time() - step_started)}
-            records.append(record)
+            run.records.append(record)
             if step % t.log_every == 0 or step == t.steps:
                 log.write(record)
                 tb_scalars(writer, record)
@@ -328,7 +328,7 @@ def loop(cfg, run, batches, cache, evaluate, log, records, stop, step):
                 gan.refresh_samples(sess, g)
                 log_evaluation(writer, log, evaluate(run, step))
             if step % t.checkpoint_every == 0 or step == t.steps:
-                checkpoint(run, step, records)
+                checkpoint(run, step)
             if step % 50 == 0 or step == t.steps:
                 print_progress(record)
     except tf.errors.ResourceExhaustedError as e:  # in a step, an evaluation or a sample grid
@@ -357,16 +357,16 @@ def print_progress(r):
           f"  G {r['g_loss']:.3f}  path {r['path']}  {r['imgs_per_s']:.0f} img/s", flush=True)
 
 
-def checkpoint(run, step, records):
+def checkpoint(run, step):
     gan.refresh_samples(run.sess, run.g)  # the averaged G is saved as it is shown
     run.save(step)
-    plot_losses(records, os.path.join(run.dir, "losses.png"))
+    plot_losses(run.records, os.path.join(run.dir, "losses.png"))
 
 
-def save_on_stop(run, step, records):
+def save_on_stop(run, step):
     """A run stopped early keeps its last trained step (unless it is saved or there is none)."""
     if step and run.saved_step != step:
-        checkpoint(run, step, records)
+        checkpoint(run, step)
 
 
 class Terminated(KeyboardInterrupt):
