@@ -40,6 +40,9 @@ class ModelConfig:
     extra_layers: int = 1          # stride-1 layers at full resolution (checkerboard fix)
     upsample: str = "transposed"   # G's 2x steps: "transposed" (stride-2 transposed conv, the
                                    # write-up's) or "resize" (nearest-neighbour resize + conv)
+    minibatch_std: int = 0         # D's 4x4 features gain their spread over groups of this many
+                                   # images (Karras et al. 2018), against one image for every
+                                   # latent; divides train.batch_size (0 = off)
     gen_leaky: bool = False        # leaky ReLU in the generator too
     leaky_slope: float = 0.2       # negative slope of leaky ReLU
     bn_momentum: float = 0.9       # moving-average decay of batch-norm statistics
@@ -109,7 +112,8 @@ D_AUGMENTS = ("color", "translation", "cutout")
 
 ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
                      "model.gen_filters", "model.disc_filters", "model.extra_layers",
-                     "model.gen_leaky", "model.upsample", "train.batch_size", "train.history_size",
+                     "model.gen_leaky", "model.upsample", "model.minibatch_std",
+                     "train.batch_size", "train.history_size",
                      "train.g_average")
 
 
@@ -211,6 +215,9 @@ def validate(cfg):
     if d.load_size and d.load_size < size:
         raise ConfigError(f"config key 'data.load_size' must be 0 (off) or >= model.image_size "
                           f"{size}, got {d.load_size}")
+    if m.minibatch_std < 0 or (m.minibatch_std and t.batch_size % m.minibatch_std):
+        raise ConfigError(f"config key 'model.minibatch_std' must be 0 (off) or divide "
+                          f"train.batch_size {t.batch_size}, got {m.minibatch_std}")
     augmentations(cfg)
     if not d.path:
         raise ConfigError("config key 'data.path' is empty: give the folder of training tiles")

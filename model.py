@@ -230,13 +230,15 @@ def generator(z_in, is_training, *, image_size=64, channels=3, gen_filters=1024,
 
 def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel=5,
                   extra_layers=1, leaky_slope=0.2, bn_momentum=0.9, small_maps_as_matmul=True,
-                  **_):
+                  minibatch_std=0, **_):
     """Images [N, S, S, C] in -1..+1 -> logits [N].
 
     The mirror of the generator (Lesson 16): `extra_layers` stride-1 convs at
     full resolution, then strided convs doubling the filters up to
     disc_filters at 4x4, leaky ReLU (Lesson 22), batch norm except on the
-    first layer (Lesson 26), one logit.
+    first layer (Lesson 26), one logit. `minibatch_std` > 0: the 4x4 features
+    gain one channel, how much they vary within each group of that many
+    consecutive images (minibatch_stddev).
     """
     levels = _levels(image_size)
     act = lambda x: tf.nn.leaky_relu(x, leaky_slope)
@@ -255,8 +257,24 @@ def discriminator(x_in, is_training, *, image_size=64, disc_filters=1024, kernel
                        small_maps_as_matmul)
             x = act(x if first else bn(x, f"down{i}_bn"))  # [N, 4*2^(i-1), .., F/2^(i-1)]
             first = False
-        x = tf.reshape(x, [-1, 4 * 4 * disc_filters])
+        if minibatch_std:
+            x = minibatch_stddev(x, minibatch_std)  # [N, 4, 4, F + 1]
+        x = tf.reshape(x, [-1, 4 * 4 * int(x.shape[-1])])
         return tf.squeeze(dense(x, 1, "logit"), axis=1)  # [N]
+
+
+def minibatch_stddev(x, group):
+    """x [N, H, W, F] -> [N, H, W, F + 1]: the last channel is, for each group of `group`
+    consecutive images, the standard deviation of every feature over the group, averaged
+    (Karras et al. 2018). D sees how alike a group's images are, so a generator that makes
+    one image for every latent is caught at once. Groups must not mix reals and fakes:
+    the caller puts each kind in whole groups."""
+    n, h, w, f = [int(d) for d in x.shape]
+    grouped = tf.reshape(x, [n // group, group, h, w, f])
+    variance = tf.reduce_mean(tf.square(grouped - tf.reduce_mean(grouped, 1, keepdims=True)), 1)
+    spread = tf.reduce_mean(tf.sqrt(variance + 1e-8), axis=[1, 2, 3])  # [N / group]
+    per_image = tf.repeat(spread, group)[:, None, None, None]  # [N, 1, 1, 1]
+    return tf.concat([x, tf.tile(per_image, [1, h, w, 1])], axis=3)
 
 
 def l2_regulariser(scope, scale):

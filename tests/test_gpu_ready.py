@@ -85,7 +85,8 @@ def as_half(attrs):
 
 
 @pytest.mark.parametrize("precision, extra", [("none", []), ("fp16", []),
-                                               ("none", ["train.d_augment=color,translation,cutout"])])
+                                               ("none", ["train.d_augment=color,translation,cutout",
+                                                         "model.minibatch_std=4"])])
 def test_every_op_of_a_training_step_has_a_gpu_kernel(precision, extra):
     cfg = config.load(ARTICLE, SMALLER + [f"run.mixed_precision={precision}"] + extra)
     assert not device.plan("gpu", cfg).small_maps_as_matmul  # filters change no op here

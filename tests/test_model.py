@@ -239,3 +239,28 @@ def test_resize_generator_builds_and_trains_its_conv_kernels():
         ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
         up = {op.type for op in graph.get_operations() if op.name.startswith("generator/up")}
     assert "ResizeNearestNeighbor" in ops and "Conv2DBackpropInput" not in up
+
+
+def test_minibatch_std_is_each_groups_spread_and_catches_one_image_for_every_latent():
+    """model.minibatch_std: one more 4x4 channel, the spread of the image's own group only."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4, 4, 5)).astype(np.float32)
+    x[4:] = x[4]  # the second group of four: one image four times
+    graph = tf.Graph()
+    with graph.as_default(), tf1.Session() as sess:
+        out = sess.run(model.minibatch_stddev(tf.constant(x), 4))
+    assert out.shape == (8, 4, 4, 6) and np.array_equal(out[..., :5], x)
+    spread = x[:4].std(axis=0).mean()
+    np.testing.assert_allclose(out[:4, ..., 5], spread, rtol=1e-5)
+    assert np.abs(out[4:, ..., 5]).max() < 1e-3  # a collapsed group stands out
+    graph, z, training, fakes, logits = build(**TINY, minibatch_std=4)
+    with graph.as_default():
+        weights = {v.op.name: v.shape.as_list() for v in tf1.trainable_variables("discriminator/")}
+    assert weights["discriminator/logit/w"] == [4 * 4 * 17, 1]  # 16 filters + the spread
+
+
+def test_minibatch_std_must_divide_the_batch_and_is_off_in_the_write_ups_config():
+    assert config_lib.load("configs/article.json").model.minibatch_std == 0
+    with pytest.raises(config_lib.ConfigError, match="model.minibatch_std"):
+        config_lib.load("configs/smoke.json", ["model.minibatch_std=3"])  # batch 8
+    assert "model.minibatch_std" in config_lib.ARCHITECTURE_KEYS  # a resume keeps it
