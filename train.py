@@ -339,7 +339,7 @@ def loop(cfg, run, batches, evaluate, stop, step):
         raise runs.RunError(f"step {step}: run.deterministic asks for deterministic kernels and "
                             f"this device has none for an op of the graph "
                             f"({runs.error_cause(e)}); drop run.deterministic, or the option "
-                            f"that adds the op (e.g. model.upsample=resize)") from None
+                            f"that adds the op (the error names it)") from None
     return step
 
 

@@ -238,7 +238,26 @@ def test_resize_generator_builds_and_trains_its_conv_kernels():
     with graph.as_default():
         ops = {op.type for op in graph.get_operations() if op.name.startswith("generator/")}
         up = {op.type for op in graph.get_operations() if op.name.startswith("generator/up")}
-    assert "ResizeNearestNeighbor" in ops and "Conv2DBackpropInput" not in up
+    assert "DepthToSpace" in up and "Conv2DBackpropInput" not in up
+    assert "ResizeNearestNeighbor" not in ops  # the resize is folded into the kernel
+
+
+@pytest.mark.parametrize("kernel, size, filters", [(4, 8, 6), (5, 8, 6), (3, 8, 6), (4, 4, 40)])
+def test_resize_upsampling_computes_a_resize_then_a_convolution(kernel, size, filters):
+    """The four-phase form gives what resizing, then convolving (SAME), gives; (4, 4, 40):
+    the 4x4 map as matrix products."""
+    rng = np.random.default_rng(kernel)
+    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default(), tf1.Session() as sess:
+        y = model.upsample2x(tf.constant(x), filters, kernel, "resize", "up")
+        sess.run(tf1.global_variables_initializer())
+        w, b = sess.run(tf1.global_variables("up/w")[0]), sess.run(tf1.global_variables("up/b")[0])
+        resized = tf.image.resize(x, [2 * size, 2 * size], "nearest")
+        expected = tf.nn.conv2d(resized, w, 1, "SAME") + b
+        got, want = sess.run([y, expected])
+    assert got.shape == (2, 2 * size, 2 * size, filters)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_minibatch_std_is_each_groups_spread_and_catches_one_image_for_every_latent():
