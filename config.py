@@ -106,10 +106,10 @@ CHOICES = {
     "run.device": ("auto", "cpu", "gpu"),
 }
 
+D_AUGMENTS = ("color", "translation", "cutout")  # train.d_augment's names (d_augment.py)
+
 # Keys that change the shape or meaning of the checkpointed graph, or of the
 # history cache kept beside it: a resume must keep the run's values.
-D_AUGMENTS = ("color", "translation", "cutout")
-
 ARCHITECTURE_KEYS = ("model.image_size", "model.channels", "model.z_dim", "model.kernel",
                      "model.gen_filters", "model.disc_filters", "model.extra_layers",
                      "model.gen_leaky", "model.upsample", "model.minibatch_std",
