@@ -19,6 +19,10 @@ TRANSLATION_RATIO = 1 / 8  # largest shift, as a share of the side (the paper's)
 CUTOUT_RATIO = 1 / 2       # side of the square cut out, as a share of the side (the paper's)
 
 
+def largest_shift(size):
+    return max(1, int(round(size * TRANSLATION_RATIO)))
+
+
 def build(n, size, names):
     """The inputs of the augmentations `names` of n images [n, size, size, C], and the function
     that applies them.
@@ -26,7 +30,7 @@ def build(n, size, names):
     Returns (inputs, apply): `inputs` maps value names (those `draw` returns) to
     placeholders whose defaults change nothing; `apply(images)` augments a tensor.
     """
-    shift = max(1, int(round(size * TRANSLATION_RATIO)))
+    shift = largest_shift(size)
     inputs = {}
     with tf.name_scope("Inputs"):
         if "color" in names:
@@ -71,7 +75,7 @@ def draw(rng, n, size, names):
         values["saturation"] = (rng.random(n) * 2.0).astype(np.float32)
         values["contrast"] = (rng.random(n) + 0.5).astype(np.float32)
     if "translation" in names:
-        shift = max(1, int(round(size * TRANSLATION_RATIO)))
+        shift = largest_shift(size)
         values["shift"] = rng.integers(-shift, shift + 1, (n, 2)).astype(np.int32)
     if "cutout" in names:
         side = max(1, int(round(size * CUTOUT_RATIO)))
