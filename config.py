@@ -257,7 +257,10 @@ def from_dict(raw, where="config"):
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section_name!r} must be a JSON object")
         for name, value in values.items():
-            _set(cfg, f"{section_name}.{name}", value)
+            try:
+                _set(cfg, f"{section_name}.{name}", value)
+            except ConfigError as e:  # name the file the key came from
+                raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

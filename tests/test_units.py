@@ -161,7 +161,12 @@ def test_bad_files_name_the_file(tmp_path):
     (tmp_path / "key.json").write_text('{"model": {"filters": 3}}')
     with pytest.raises(config.ConfigError) as e:
         config.load(str(tmp_path / "key.json"))
-    assert_named(str(e.value), "model.filters", "gen_filters")  # the key, and the keys there are
+    # the file, the key, and the keys there are
+    assert_named(str(e.value), tmp_path / "key.json", "model.filters", "gen_filters")
+    (tmp_path / "kind.json").write_text('{"train": {"steps": "many"}}')
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(tmp_path / "kind.json"))
+    assert_named(str(e.value), tmp_path / "kind.json", "train.steps", "int")
 
 
 @pytest.mark.parametrize("name", ["article", "cpu", "smoke"])
