@@ -85,10 +85,10 @@ def list_set(text, what):
     """(files, description) of one image set."""
     path, split = data.parse_set(text)
     if not os.path.exists(path):
-        raise EvalError(f"{what} '{path}' does not exist; give a folder of images, a manifest.csv "
+        raise EvalError(f"--{what} '{path}' does not exist; give a folder of images, a manifest.csv "
                         f"or PATH:SPLIT (see --help)")
     if split is not None and not data.is_manifest(path):
-        raise EvalError(f"{what} '{path}' is a plain folder; ':{split}' picks rows of a manifest.csv "
+        raise EvalError(f"--{what} '{path}' is a plain folder; ':{split}' picks rows of a manifest.csv "
                         f"(drop it to use every image of the folder)")
     split = "train" if split is None else split
     return data.find_images(path, split, data.option_advice(f"--{what}")), data.describe_set(path, split)
@@ -122,10 +122,10 @@ def load_set(text, what, image_size, n=None, seed=0, notes=None, load_size=None)
     image_size = image_size or side
     read_size = max(load_size or 0, image_size)
     if side < read_size:
-        raise EvalError(f"{what} images of {description} are {side}x{side}, smaller than the "
+        raise EvalError(f"--{what}: the images of {description} are {side}x{side}, smaller than the "
                         f"{read_size}x{read_size} the "
                         f"{'run trained on' if read_size > image_size else 'fakes are'}; "
-                        f"give larger {what} images")
+                        f"give larger images")
     if n is not None and len(files) > n:
         pick = np.random.default_rng([seed, len(files)]).permutation(len(files))[:n]
         files = [files[i] for i in sorted(pick)]

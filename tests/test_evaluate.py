@@ -73,10 +73,10 @@ def test_fewer_reals_than_n_uses_them_all_and_says_so(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, names", [
-    (["--real", "no/such/folder", "--fake", SAMPLE], ["no/such/folder"]),
+    (["--real", "no/such/folder", "--fake", SAMPLE], ["--real", "no/such/folder"]),
     (["--real", SAMPLE, "--checkpoint", ROOT + "/configs"], [ROOT + "/configs", "checkpoint"]),
     (["--real", SAMPLE + "/holdout:train", "--fake", SAMPLE],
-     [SAMPLE + "/holdout", ":train", "manifest.csv"]),
+     ["--real", SAMPLE + "/holdout", ":train", "manifest.csv"]),
     (["--real", SAMPLE + ":nosuchsplit", "--fake", SAMPLE],  # and the splits it has
      [os.path.join(SAMPLE, "manifest.csv"), "nosuchsplit", "holdout", "train"]),
 ])
@@ -160,7 +160,7 @@ def test_reals_of_a_load_size_run_are_windows_at_its_resolution(tmp_path):
     too_big = 128
     with pytest.raises(evaluate.EvalError) as e:
         evaluate.load_set(folder, "real", 16, load_size=too_big)
-    assert_named(str(e.value), "real", ("64x64", "128x128"))  # theirs, then the run's
+    assert_named(str(e.value), "--real", ("64x64", "128x128"))  # theirs, then the run's
 
 
 def test_set_syntax():
