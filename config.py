@@ -106,6 +106,7 @@ CHOICES = {
     "run.device": ("auto", "cpu", "gpu"),
 }
 
+GENERATOR_WEIGHTS = ("averaged", "trained")  # --weights of generate.py and evaluate.py
 D_AUGMENTS = ("color", "translation", "cutout")  # train.d_augment's names (d_augment.py)
 
 # Keys that change the shape or meaning of the checkpointed graph, or of the

@@ -263,7 +263,7 @@ def parse_args(argv):
     fakes.add_argument("--checkpoint", metavar="PREFIX_OR_RUN_DIR",
                        help="generate the fakes with this checkpoint (a run folder's newest, or "
                             "a prefix like RUN/checkpoints/model-500)")
-    p.add_argument("--weights", choices=("averaged", "trained"),
+    p.add_argument("--weights", choices=config_lib.GENERATOR_WEIGHTS,
                    help="with --checkpoint: the generator's averaged weights (the default when "
                         "the run kept them, train.g_average) or its trained ones")
     p.add_argument("-n", type=int, default=2048, help="images per set (default 2048)")

@@ -376,7 +376,7 @@ def parse_args(argv):
                       help="write a TF SavedModel of the generator to DIR")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (created if needed); not with --export")
-    p.add_argument("--weights", choices=("averaged", "trained"),
+    p.add_argument("--weights", choices=config_lib.GENERATOR_WEIGHTS,
                    help="the generator's averaged weights (the default when the run kept them, "
                         "train.g_average) or its trained ones")
     p.add_argument("-n", type=int, metavar="N", help="samples: number of images (default 64)")
