@@ -343,13 +343,22 @@ def loop(cfg, run, batches, evaluate, stop, step):
     return step
 
 
+ALIKE_LIMIT = 1.5  # fakes this many times as alike as the reals (MS-SSIM): a collapse (issue 19)
+
+
 def log_evaluation(writer, log, found):
     step = found["step"]
     log.write(found)
     tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
     print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
-          f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f}"
+          f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f} "
+          f"(reals {found['ms_ssim_real']:.3f})"
           + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
+    alike = found["ms_ssim_fake"] / max(found["ms_ssim_real"], 1e-6)
+    if alike > ALIKE_LIMIT:
+        print(f"warning: at step {step} the fakes are {alike:.1f}x as alike as the reals "
+              f"(MS-SSIM): G is collapsing towards few images; see the README, "
+              f"'When the samples look alike'", flush=True)
 
 
 def print_progress(r):

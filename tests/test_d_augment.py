@@ -167,3 +167,14 @@ def test_an_unknown_or_repeated_augmentation_is_one_clear_error(tmp_path, value,
                       f"train.d_augment={value}", "--out", out)
     assert_clear_error(proc.returncode, proc.stderr, "train.d_augment", named,
                        nothing_written=[out])
+
+
+def test_a_run_without_it_can_resume_with_it(tmp_path):
+    """The README's cure for a collapsing run: go on from its checkpoint with d_augment on."""
+    run = tmp_path / "run"
+    run_script("train.py", "--config", "configs/smoke.json", "--set", "train.steps=10",
+               "--out", run, check=True)
+    proc = run_script("train.py", "--resume", run, "--set", "train.steps=12",
+                      "--set", "train.d_augment=color,translation,cutout", check=True)
+    assert any("train.d_augment" in line and "cutout" in line for line in proc.stdout.splitlines())
+    assert (run / "checkpoints" / "model-12.index").exists()

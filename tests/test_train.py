@@ -455,6 +455,27 @@ def test_d_sees_reals_and_fakes_in_one_call():
     assert first_convs[0].inputs[0].shape.as_list()[0] == 2 * cfg.train.batch_size
 
 
+@pytest.mark.parametrize("fake_ms_ssim, warned", [(0.40, True), (0.12, False)])
+def test_an_evaluation_that_finds_the_fakes_alike_says_so(fake_ms_ssim, warned, capsys):
+    """Issue 19: a collapse on the user's imagery is named in the run's output, not only in
+    numbers: fakes more than 1.5x as alike as the reals (MS-SSIM) give a warning line."""
+    class Sink:
+        def write(self, record):
+            self.record = record
+
+        def add_summary(self, summary, step):
+            pass
+
+    found = {"event": "eval", "step": 500, "swd_avg": 128.0,
+             "swd_real_baseline_x1e3": {"avg": 80.0}, "ms_ssim_fake": fake_ms_ssim,
+             "ms_ssim_real": 0.08, "best": False}
+    train.log_evaluation(Sink(), Sink(), found)
+    out = capsys.readouterr().out
+    assert "MS-SSIM %.3f (reals 0.080)" % fake_ms_ssim in out
+    assert ("warning: at step 500 the fakes are 5.0x as alike as the reals" in out) == warned
+    assert ("'When the samples look alike'" in out) == warned
+
+
 def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
     """train.eval_every: SWD/MS-SSIM on the holdout logged; best-N outlives retention."""
     run = tmp_path / "run"
