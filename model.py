@@ -46,12 +46,15 @@ def conv2d(x, filters, kernel, stride, name, small_maps_as_matmul=True):
     """Strided convolution, SAME padding: size / stride (Lesson 21: no pooling)."""
     with tf1.variable_scope(name):
         w = _weight("w", [kernel, kernel, int(x.shape[-1]), filters])
-        size = int(x.shape[1])
-        if small_maps_as_matmul and _as_matmul(size // stride, size, filters):
-            y = _conv_as_matmul(x, w, stride)
-        else:
-            y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME")
-        return tf.nn.bias_add(y, _bias("b", filters))
+        return tf.nn.bias_add(_convolve(x, w, stride, small_maps_as_matmul), _bias("b", filters))
+
+
+def _convolve(x, w, stride, small_maps_as_matmul):
+    """SAME convolution of x with kernel w, as a matmul where that is faster (_as_matmul)."""
+    size = int(x.shape[1])
+    if small_maps_as_matmul and _as_matmul(size // stride, size, int(w.shape[-1])):
+        return _conv_as_matmul(x, w, stride)
+    return tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME")
 
 
 def deconv2d(x, filters, kernel, stride, name, small_maps_as_matmul=True):
@@ -149,11 +152,7 @@ def upsample2x(x, filters, kernel, how, name, small_maps_as_matmul=True):
     with tf1.variable_scope(name):  # the variables of conv2d: checkpoints of either form load
         w = _weight("w", [kernel, kernel, int(x.shape[-1]), filters])
         phases = resize_conv_kernel(w)  # [W, W, C_in, 4 * filters]
-        size = int(x.shape[1])
-        if small_maps_as_matmul and _as_matmul(size, size, 4 * filters):
-            y = _conv_as_matmul(x, phases, 1)
-        else:
-            y = tf.nn.conv2d(x, phases, 1, "SAME")  # [N, S, S, 4 * filters]
+        y = _convolve(x, phases, 1, small_maps_as_matmul)  # [N, S, S, 4 * filters]
         y = tf.nn.depth_to_space(y, 2)  # [N, 2S, 2S, filters]
         return tf.nn.bias_add(y, _bias("b", filters))
 
