@@ -72,6 +72,9 @@ class TrainConfig:
     d_augment: str = ""            # augment every image D sees, reals and fakes, in D's and G's
                                    # updates (Zhao et al. 2020): comma-separated names of
                                    # color, translation, cutout ("" = off)
+    d_augment_from: str = "start"  # when d_augment starts: "start" (the first step) or
+                                   # "collapse" (the first evaluation during training that
+                                   # finds the fakes over 1.5x as alike as the reals)
 
 
 @dataclass
@@ -102,6 +105,7 @@ CHOICES = {
     "data.bad_files": ("error", "skip"),
     "model.z_dist": ("uniform", "normal"),
     "model.upsample": ("transposed", "resize"),
+    "train.d_augment_from": ("start", "collapse"),
     "run.mixed_precision": ("none", "bf16", "fp16"),
     "run.device": ("auto", "cpu", "gpu"),
 }
@@ -219,6 +223,10 @@ def validate(cfg):
     if m.minibatch_std < 0 or (m.minibatch_std and t.batch_size % m.minibatch_std):
         raise ConfigError(f"config key 'model.minibatch_std' must be 0 (off) or divide "
                           f"train.batch_size {t.batch_size}, got {m.minibatch_std}")
+    if t.d_augment_from == "collapse" and not (augmentations(cfg) and t.eval_every):
+        raise ConfigError("config key 'train.d_augment_from' is \"collapse\", which waits for an "
+                          "evaluation during training to find one: give train.d_augment its "
+                          "augmentations and train.eval_every its steps, or set it to \"start\"")
     augmentations(cfg)
     if not d.path:
         raise ConfigError("config key 'data.path' is empty: give the folder of training tiles")

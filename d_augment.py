@@ -28,11 +28,14 @@ def build(n, size, names):
     that applies them.
 
     Returns (inputs, apply): `inputs` maps value names (those `draw` returns) to
-    placeholders whose defaults change nothing; `apply(images)` augments a tensor.
+    placeholders whose defaults change nothing (`on` False: the images pass as they are);
+    `apply(images)` augments a tensor.
     """
     shift = largest_shift(size)
     inputs = {}
     with tf.name_scope("Inputs"):
+        # Off unless fed: D's input then passes untouched, bit for bit (train.d_augment_from).
+        inputs["on"] = tf1.placeholder_with_default(False, [], "augment_on_in")
         if "color" in names:
             for key, default in (("brightness", 0.0), ("saturation", 1.0), ("contrast", 1.0)):
                 inputs[key] = tf1.placeholder_with_default(tf.fill([n], default), [n],
@@ -44,7 +47,7 @@ def build(n, size, names):
             inputs["keep"] = tf1.placeholder_with_default(tf.ones([n, size, size]),
                                                           [n, size, size], "augment_keep_in")
 
-    def apply(x):
+    def augmented(x):
         per_image = lambda key: inputs[key][:, None, None, None]  # [n, 1, 1, 1]
         if "color" in names:
             x = x + per_image("brightness")
@@ -61,6 +64,11 @@ def build(n, size, names):
             x = x * inputs["keep"][..., None]
         return x
 
+    def apply(x):
+        # A select, not a tf.cond: off, it passes x and G's gradient exactly, and the graph
+        # keeps the shape TensorFlow's fused-op rewrites expect.
+        return tf.where(inputs["on"], augmented(x), x)
+
     return inputs, apply
 
 
@@ -69,7 +77,7 @@ def draw(rng, n, size, names):
 
     `names`: the augmentations on (config.augmentations); the others stay the identity.
     """
-    values = {}
+    values = {"on": np.bool_(True)} if names else {}
     if "color" in names:
         values["brightness"] = (rng.random(n) - 0.5).astype(np.float32)
         values["saturation"] = (rng.random(n) * 2.0).astype(np.float32)

@@ -183,8 +183,11 @@ def refresh_samples(sess, g):
 
 # ---------------------------------------------------------------- one step
 
-def run_step(sess, g, cfg, batches, cache, step, force_path=None):
-    """Step `step` (1-based): draw its batch, train on it, feed the history cache."""
+def run_step(sess, g, cfg, batches, cache, step, force_path=None, augmenting=True):
+    """Step `step` (1-based): draw its batch, train on it, feed the history cache.
+
+    `augmenting`: whether train.d_augment is on at this step (train.d_augment_from).
+    """
     t, m = cfg.train, cfg.model
     rng = np.random.default_rng([t.seed, step])  # every draw of a step, by seed and step
     reals = data.random_crops(batches.get(step - 1), m.image_size, rng)  # data.load_size
@@ -194,7 +197,7 @@ def run_step(sess, g, cfg, batches, cache, step, force_path=None):
     n_history = history_count(t.batch_size, t.history_fraction)
     history_used = use_history(rng.random(), t.history_prob, len(cache), n_history)
     history = cache.sample(n_history) if history_used else None
-    names = config.augmentations(cfg)
+    names = config.augmentations(cfg) if augmenting else ()
     augment = d_augment.draw(rng, 2 * t.batch_size, m.image_size, names) if names else None
     record, fakes = train_step(sess, g, reals, z, history, history_used, force_path, augment)
     cache.add(to_u8(fakes[0]))  # Lesson 34: from the generated batch, stored as uint8

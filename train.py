@@ -106,11 +106,11 @@ def eval_reals(cfg, batches):
 
 
 class Evaluator:
-    """SWD and MS-SSIM of `eval_images` fakes every `eval_every` steps; keeps the best.
+    """SWD and MS-SSIM of `eval_images` fakes every `eval_every` steps; finds the best.
 
     Reals come from `eval_reals`. The fakes come from fixed latents in inference mode, so
-    evaluations differ only by the weights. The best checkpoint by average SWD
-    is saved as checkpoints/best-N, which checkpoint retention never touches.
+    evaluations differ only by the weights. The loop saves the best by average SWD
+    as checkpoints/best-N, which checkpoint retention never touches.
     """
 
     def __init__(self, cfg, g, reals, split, ckpt_dir, log_records):
@@ -136,9 +136,8 @@ class Evaluator:
                   "ms_ssim_fake": found["ms_ssim_fake"], "ms_ssim_real": found["ms_ssim_real"],
                   "n": found["n"], "seconds": time.time() - started}
         record["best"] = record["swd_avg"] < self.best
-        if record["best"]:
+        if record["best"]:  # the loop saves it, once the evaluation has had its effects
             self.best = record["swd_avg"]
-            run.save(step, name="best")
         return record
 
 
@@ -263,14 +262,20 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
     if prefix:
         run.log.write({"event": "resume", "step": step, "checkpoint": prefix, "changed": changed,
                    **({"data_changed": data_changed} if data_changed else {})})
-    run.state = {"sample_z": sample_z, **data_now}
+    since = int(saved.get("d_augment_since", 0)) if prefix else 0  # 0: not started by a collapse
+    run.state = {"sample_z": sample_z, "d_augment_since": np.int64(since), **data_now}
     stop = StopFlag()
     print(f"run folder: {run_dir}; training steps {step + 1}..{t.steps}")
     if t.g_average:
         print(f"samples and evaluations: G's averaged weights (train.g_average {t.g_average})")
-    if config_lib.augmentations(cfg):
-        print(f"D sees every image through: {', '.join(config_lib.augmentations(cfg))} "
-              f"(train.d_augment)")
+    names = ", ".join(config_lib.augmentations(cfg))
+    if names and augmenting(cfg, run):
+        print(f"D sees every image through: {names} (train.d_augment)"
+              + (f", since the collapse found at step {since}" if since else ""))
+    elif names:
+        print(f"D will see every image through: {names} (train.d_augment) from the first "
+              f"evaluation that finds the fakes over {ALIKE_LIMIT}x as alike as the reals "
+              f"(train.d_augment_from collapse)")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
     step = loop(cfg, run, batches, evaluate, stop, step)
@@ -304,7 +309,8 @@ def loop(cfg, run, batches, evaluate, stop, step):
             step_started = time.time()
             step += 1
             try:
-                record = gan.run_step(sess, g, cfg, batches, run.cache, step)
+                record = gan.run_step(sess, g, cfg, batches, run.cache, step,
+                                      augmenting=augmenting(cfg, run))
             except data.DataError as e:  # a tile read from disk (data.in_memory: false) went bad
                 step -= 1
                 save_on_stop(run, step)
@@ -326,7 +332,11 @@ def loop(cfg, run, batches, evaluate, stop, step):
                 run.dump_samples(step)
             if evaluate and step % t.eval_every == 0:
                 gan.refresh_samples(sess, g)
-                log_evaluation(writer, log, evaluate(run, step))
+                found = evaluate(run, step)
+                log_evaluation(writer, log, found)
+                on_collapse(cfg, run, step, found)
+                if found["best"]:
+                    run.save(step, name="best")
             if step % t.checkpoint_every == 0 or step == t.steps:
                 checkpoint(run, step)
             if step % 50 == 0 or step == t.steps:
@@ -354,11 +364,30 @@ def log_evaluation(writer, log, found):
           f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f} "
           f"(reals {found['ms_ssim_real']:.3f})"
           + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
+
+
+def augmenting(cfg, run):
+    """Whether the next step augments what D sees: train.d_augment from the first step, or
+    with train.d_augment_from "collapse" once an evaluation has found one (the step is kept
+    with the checkpoints, so a resume augments the steps the uninterrupted run did)."""
+    return cfg.train.d_augment_from == "start" or bool(run.state["d_augment_since"])
+
+
+def on_collapse(cfg, run, step, found):
+    """Fakes over ALIKE_LIMIT times as alike as the reals: a warning; with train.d_augment_from
+    "collapse", the first such evaluation also turns train.d_augment on for the rest of the run."""
     alike = found["ms_ssim_fake"] / max(found["ms_ssim_real"], 1e-6)
-    if alike > ALIKE_LIMIT:
-        print(f"warning: at step {step} the fakes are {alike:.1f}x as alike as the reals "
-              f"(MS-SSIM): G is collapsing towards few images; see the README, "
-              f"'When the samples look alike'", flush=True)
+    if alike <= ALIKE_LIMIT:
+        return
+    what = (f"warning: at step {step} the fakes are {alike:.1f}x as alike as the reals "
+            f"(MS-SSIM): G is collapsing towards few images")
+    if augmenting(cfg, run) or not config_lib.augmentations(cfg):
+        print(f"{what}; see the README, 'When the samples look alike'", flush=True)
+        return
+    run.state["d_augment_since"] = np.int64(step)
+    run.log.write({"event": "d_augment", "step": step})
+    print(f"{what}; from step {step + 1} on D sees every image through "
+          f"{', '.join(config_lib.augmentations(cfg))} (train.d_augment_from collapse)", flush=True)
 
 
 def print_progress(r):

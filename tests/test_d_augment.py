@@ -1,4 +1,5 @@
 """train.d_augment: every image D sees goes through one random colour, translation and cutout."""
+import json
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from conftest import ROOT, assert_clear_error, built, run_script
 
 tf1 = tf.compat.v1
 N, S = 6, 16
+RUN_STEP = gan.run_step  # the function the runs below spy on
 
 
 def augmented(images, values, names=config.D_AUGMENTS):
@@ -55,7 +57,10 @@ def images():
 
 
 def test_fed_nothing_it_is_the_identity(images):
-    np.testing.assert_allclose(augmented(images, {}), images, atol=1e-6)
+    assert np.array_equal(augmented(images, {}), images)  # bit for bit: `on` is False
+    identity = {"on": True, "brightness": np.zeros(N, np.float32),
+                "saturation": np.ones(N, np.float32), "contrast": np.ones(N, np.float32)}
+    np.testing.assert_allclose(augmented(images, identity), images, atol=1e-6)
     assert d_augment.draw(np.random.default_rng(0), N, S, ()) == {}
 
 
@@ -97,7 +102,8 @@ def test_d_sees_the_augmented_images_and_g_learns_through_them():
     shift = np.abs(values["shift"][B:]).max()
     inner = (slice(None), slice(shift, S_ - shift), slice(shift, S_ - shift))
     assert (np.abs(through).sum(axis=3)[inner][keep[inner] == 1] > 0).mean() > 0.9
-    blank = {g["augment_in"]["keep"]: np.zeros((2 * B, S_, S_), np.float32)}
+    blank = {g["augment_in"]["on"]: True,
+             g["augment_in"]["keep"]: np.zeros((2 * B, S_, S_), np.float32)}
     assert not sess.run(grad, {**feed, **blank}).any()  # D saw nothing of the fakes
 
 
@@ -113,7 +119,7 @@ def test_a_training_step_feeds_it_to_every_update():
     with graph.as_default():
         g_vars = tf1.trainable_variables("generator/")
     before = sess.run(g_vars)
-    blank = {"keep": np.zeros((2 * B, S_, S_), np.float32)}
+    blank = {"on": True, "keep": np.zeros((2 * B, S_, S_), np.float32)}
     record, _ = gan.train_step(sess, g, reals, z, None, False, augment=blank)
     assert record["d_real_acc"] + record["d_fake_acc"] in (0.0, 1.0, 2.0)  # one logit for all
     assert all(np.array_equal(a, b) for a, b in zip(before, sess.run(g_vars)))
@@ -140,7 +146,7 @@ def test_a_step_draws_its_augmentation_by_seed_and_step(monkeypatch):
                      whole, k)
     gan.run_step(None, None, cfg, data.Batches(tiles, [""] * len(tiles), B, S_, seed=1),
                  resumed, 3)
-    assert set(seen[2]) == {"brightness", "saturation", "contrast", "shift", "keep"}
+    assert set(seen[2]) == {"on", "brightness", "saturation", "contrast", "shift", "keep"}
     assert all(np.array_equal(seen[2][k], seen[3][k]) for k in seen[2])
     assert not np.array_equal(seen[1]["shift"], seen[2]["shift"])
 
@@ -178,3 +184,84 @@ def test_a_run_without_it_can_resume_with_it(tmp_path):
                       "--set", "train.d_augment=color,translation,cutout", check=True)
     assert any("train.d_augment" in line and "cutout" in line for line in proc.stdout.splitlines())
     assert (run / "checkpoints" / "model-12.index").exists()
+
+
+def from_collapse(tmp_path, monkeypatch, name, limit, *sets, resume=False, augment=True):
+    """An in-process train.py run of the smoke config with train.d_augment_from "collapse"
+    (augment=False: no train.d_augment), an evaluation every 2 steps, and train.ALIKE_LIMIT
+    `limit`; returns (its log records, the steps trained with augmentation)."""
+    import train
+    monkeypatch.setattr(train, "ALIKE_LIMIT", limit)
+    augmented = []
+
+    def spy(*args, augmenting=True, **kwargs):
+        if augmenting and config.augmentations(args[2]):
+            augmented.append(args[5])
+        return RUN_STEP(*args, augmenting=augmenting, **kwargs)
+
+    monkeypatch.setattr(gan, "run_step", spy)
+    run = tmp_path / name
+    argv = (["--resume", str(run)] if resume else
+            ["--config", os.path.join(ROOT, "configs", "smoke.json"), "--out", str(run),
+             "--set", "train.eval_every=2", "--set", "train.eval_images=8",
+             "--set", "train.checkpoint_every=2"])
+    if augment and not resume:
+        argv += ["--set", "train.d_augment=color,translation,cutout",
+                 "--set", "train.d_augment_from=collapse"]
+    for s in sets:
+        argv += ["--set", s]
+    assert train.cli(argv) == 0
+    with open(run / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return records, augmented
+
+
+def losses(records):
+    return [(r["d_real_loss"], r["d_fake_loss"], r["g_loss"]) for r in records if "event" not in r]
+
+
+def test_from_collapse_it_starts_after_the_first_evaluation_that_finds_one(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Issue 19: the main config augments D's inputs only where G collapses; every
+    evaluation finds a collapse when the limit is below any ratio."""
+    records, augmented = from_collapse(tmp_path, monkeypatch, "run", -1.0, "train.steps=6")
+    out = capsys.readouterr().out
+    assert "D will see every image through: color, translation, cutout" in out
+    assert "warning: at step 2 the fakes are" in out and "from step 3 on D sees" in out
+    assert augmented == [3, 4, 5, 6]
+    assert [r["step"] for r in records if r.get("event") == "d_augment"] == [2]
+
+
+def test_from_collapse_a_resume_augments_what_the_whole_run_did(tmp_path, monkeypatch, capsys):
+    """The step it started is kept with the checkpoints: 2 steps + resume + 4 steps train as
+    6 steps did, and the resume says since when."""
+    whole, _ = from_collapse(tmp_path, monkeypatch, "whole", -1.0, "train.steps=6")
+    from_collapse(tmp_path, monkeypatch, "halves", -1.0, "train.steps=2")
+    capsys.readouterr()
+    halves, augmented = from_collapse(tmp_path, monkeypatch, "halves", -1.0, "train.steps=6",
+                                      resume=True)
+    assert "since the collapse found at step 2" in capsys.readouterr().out
+    assert augmented == [3, 4, 5, 6] and losses(halves) == losses(whole)
+
+
+def test_from_collapse_nothing_changes_until_one_is_found(tmp_path, monkeypatch):
+    """A run that never collapses trains exactly as one without train.d_augment (a GAN run
+    parts from tiny float differences within tens of steps)."""
+    waiting, augmented = from_collapse(tmp_path, monkeypatch, "waiting", float("inf"),
+                                       "train.steps=4")
+    plain, _ = from_collapse(tmp_path, monkeypatch, "plain", float("inf"), "train.steps=4",
+                             augment=False)
+    assert augmented == [] and not any(r.get("event") == "d_augment" for r in waiting)
+    assert losses(waiting) == losses(plain)
+
+
+@pytest.mark.parametrize("key, value", [("train.eval_every", "0"), ("train.d_augment", "")])
+def test_from_collapse_without_evaluations_or_augmentations_is_one_clear_error(tmp_path, key,
+                                                                               value):
+    out = tmp_path / "run"
+    sets = {"train.d_augment": "cutout", "train.eval_every": "5", key: value,
+            "train.d_augment_from": "collapse"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = run_script("train.py", "--config", "configs/smoke.json", *args, "--out", out)
+    assert_clear_error(proc.returncode, proc.stderr, "train.d_augment_from", key,
+                       nothing_written=[out])

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -470,6 +471,8 @@ def test_an_evaluation_that_finds_the_fakes_alike_says_so(fake_ms_ssim, warned, 
              "swd_real_baseline_x1e3": {"avg": 80.0}, "ms_ssim_fake": fake_ms_ssim,
              "ms_ssim_real": 0.08, "best": False}
     train.log_evaluation(Sink(), Sink(), found)
+    run = types.SimpleNamespace(state={"d_augment_since": 0}, log=Sink())
+    train.on_collapse(config.load(os.path.join(ROOT, "configs", "smoke.json")), run, 500, found)
     out = capsys.readouterr().out
     assert "MS-SSIM %.3f (reals 0.080)" % fake_ms_ssim in out
     assert ("warning: at step 500 the fakes are 5.0x as alike as the reals" in out) == warned
