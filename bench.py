@@ -65,7 +65,9 @@ def time_path(cfg, g, sess, path, steps, first_step, yardstick):
     with tempfile.TemporaryFile("w") as log:
         def step(n):
             timed.seconds = 0.0
-            record = gan.run_step(timed, g, cfg, batches, cache, n, force_path=path)
+            # train.d_augment_from "collapse": a run starts without it, so time that
+            record = gan.run_step(timed, g, cfg, batches, cache, n, force_path=path,
+                                  augmenting=cfg.train.d_augment_from == "start")
             log.write(json.dumps({"step": n, **record}) + "\n")
             log.flush()
             return timed.seconds

@@ -65,9 +65,9 @@ def build(n, size, names):
         return x
 
     def apply(x):
-        # A select, not a tf.cond: off, it passes x and G's gradient exactly, and the graph
-        # keeps the shape TensorFlow's fused-op rewrites expect.
-        return tf.where(inputs["on"], augmented(x), x)
+        # A cond, not a select: off, x and G's gradient pass exactly and the augmentation is
+        # not computed at all (a select computed it every step: docs/performance.md).
+        return tf.cond(inputs["on"], lambda: augmented(x), lambda: tf.identity(x))
 
     return inputs, apply
 

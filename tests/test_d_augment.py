@@ -64,6 +64,16 @@ def test_fed_nothing_it_is_the_identity(images):
     assert d_augment.draw(np.random.default_rng(0), N, S, ()) == {}
 
 
+def test_off_it_is_not_computed(images):
+    # A shift far outside the padding makes the gather fail whenever it runs; off
+    # (train.d_augment_from collapse before one is found) it must not run at all,
+    # so a run pays nothing for an augmentation it has not begun.
+    far = {"shift": np.full((N, 2), 10 * S, np.int32)}
+    assert np.array_equal(augmented(images, {**far, "on": False}), images)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        augmented(images, {**far, "on": True})
+
+
 @pytest.mark.parametrize("names", [("color",), ("translation",), ("cutout",), config.D_AUGMENTS])
 def test_each_augmentation_is_what_it_says(images, names):
     values = d_augment.draw(np.random.default_rng(1), N, S, names)
