@@ -168,6 +168,14 @@ def test_off_in_the_write_ups_config_and_nothing_built():
     assert "augment_in" not in g
 
 
+def test_the_main_config_turns_it_on_at_a_collapse():
+    # docs/quality.md: from the first step it cost the bundled sample's fakes the quiz;
+    # waiting for a collapse leaves the sample's runs as they were and rescues small sets.
+    cfg = config.load(os.path.join(ROOT, "configs", "cpu.json"))
+    assert config.augmentations(cfg) == config.D_AUGMENTS
+    assert cfg.train.d_augment_from == "collapse" and 0 < cfg.train.eval_every <= 500
+
+
 def test_a_run_says_it_augments(tmp_path):
     proc = run_script("train.py", "--config", "configs/smoke.json", "--set", "train.steps=2",
                       "--set", "train.d_augment=translation, cutout", "--out", tmp_path / "run",
