@@ -74,7 +74,7 @@ class TrainConfig:
                                    # color, translation, cutout ("" = off)
     d_augment_from: str = "start"  # when d_augment starts: "start" (the first step) or
                                    # "collapse" (the first evaluation during training that
-                                   # finds the fakes over 1.5x as alike as the reals)
+                                   # finds the fakes over 1.5x as alike as the training tiles)
 
 
 @dataclass

@@ -83,26 +83,31 @@ def plot_losses(records, path):
 # ---------------------------------------------------------------- evaluation during training
 
 def eval_reals(cfg, batches):
-    """(reals, split name) the evaluations compare fakes with; read before the run starts.
+    """(reals, split name, a sample of the training tiles) the evaluations compare fakes with;
+    read before the run starts.
 
-    The data's holdout split when its manifest has one, else the training tiles
-    (a seeded sample of them when they stay on disk).
+    The reals are the data's holdout split when its manifest has one, else the training
+    tiles (a seeded sample of them when they stay on disk). How alike the fakes may be is
+    judged against the training tiles either way: a holdout from other places can be far
+    more or less alike than what G learns from.
     """
     t, m = cfg.train, cfg.model
     side = config_lib.load_size(cfg)
+    pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
+    training = batches.tiles
+    if training is None:
+        training = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
+                             for i in pick])
+    reals, split = training, cfg.data.split or "train"
     if data.comparison_split(cfg.data.path) == data.HOLDOUT:
         reals, _ = data.load_tiles(cfg.data.path, data.HOLDOUT, side,
                                    cfg.data.grayscale, cfg.data.bad_files)
         split = data.HOLDOUT
-    else:
-        split = cfg.data.split or "train"
-        reals = batches.tiles
-        if reals is None:
-            pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
-            reals = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
-                              for i in pick])
     # One fixed window per tile when training crops (data.load_size).
-    return data.random_crops(reals, m.image_size, np.random.default_rng([t.seed, 0xC0])), split
+    window = lambda tiles: data.random_crops(tiles, m.image_size,
+                                             np.random.default_rng([t.seed, 0xC0]))
+    sample = training[pick] if batches.tiles is not None else training
+    return window(reals), split, window(sample)
 
 
 class Evaluator:
@@ -113,9 +118,11 @@ class Evaluator:
     as checkpoints/best-N, which checkpoint retention never touches.
     """
 
-    def __init__(self, cfg, g, reals, split, ckpt_dir, log_records):
+    def __init__(self, cfg, g, reals, split, training, ckpt_dir, log_records):
         t, m = cfg.train, cfg.model
         self.cfg, self.reals, self.split = cfg, reals, split
+        # The reference for a collapse (on_collapse): the same at every step, so measured once.
+        self.ms_ssim_train = metrics.ms_ssim_mean(training, seed=t.seed, threads=cfg.run.threads)
         best = [p for _, p in sorted(runs.checkpoint_steps(ckpt_dir, "best").items())]
         g["best_saver"].recover_last_checkpoints(best[-1:])  # so the next best replaces it
         count = -(-t.eval_images // t.batch_size) * t.batch_size
@@ -134,6 +141,7 @@ class Evaluator:
                   "swd_avg": found["swd_x1e3"]["avg"], "swd_x1e3": found["swd_x1e3"],
                   "swd_real_baseline_x1e3": found["swd_real_baseline_x1e3"],
                   "ms_ssim_fake": found["ms_ssim_fake"], "ms_ssim_real": found["ms_ssim_real"],
+                  "ms_ssim_train": self.ms_ssim_train,
                   "n": found["n"], "seconds": time.time() - started}
         record["best"] = record["swd_avg"] < self.best
         if record["best"]:  # the loop saves it, once the evaluation has had its effects
@@ -274,7 +282,7 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
               + (f", since the collapse found at step {since}" if since else ""))
     elif names:
         print(f"D will see every image through: {names} (train.d_augment) from the first "
-              f"evaluation that finds the fakes over {ALIKE_LIMIT}x as alike as the reals "
+              f"evaluation that finds the fakes over {ALIKE_LIMIT}x as alike as the training tiles "
               f"(train.d_augment_from collapse)")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
@@ -353,7 +361,7 @@ def loop(cfg, run, batches, evaluate, stop, step):
     return step
 
 
-ALIKE_LIMIT = 1.5  # fakes this many times as alike as the reals (MS-SSIM): a collapse (issue 19)
+ALIKE_LIMIT = 1.5  # fakes this many times as alike as the training tiles (MS-SSIM): a collapse
 
 
 def log_evaluation(writer, log, found):
@@ -362,7 +370,9 @@ def log_evaluation(writer, log, found):
     tb_values(writer, {f"eval/{k}": found[k] for k in ("swd_avg", "ms_ssim_fake")}, step)
     print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
           f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f} "
-          f"(reals {found['ms_ssim_real']:.3f})"
+          f"(reals {found['ms_ssim_real']:.3f}"
+          + (f", training tiles {found['ms_ssim_train']:.3f})" if found.get("real_split") == data.HOLDOUT
+             else ")")
           + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
 
 
@@ -374,12 +384,12 @@ def augmenting(cfg, run):
 
 
 def on_collapse(cfg, run, step, found):
-    """Fakes over ALIKE_LIMIT times as alike as the reals: a warning; with train.d_augment_from
+    """Fakes over ALIKE_LIMIT times as alike as the training tiles: a warning; with train.d_augment_from
     "collapse", the first such evaluation also turns train.d_augment on for the rest of the run."""
-    alike = found["ms_ssim_fake"] / max(found["ms_ssim_real"], 1e-6)
+    alike = found["ms_ssim_fake"] / max(found.get("ms_ssim_train", found["ms_ssim_real"]), 1e-6)
     if alike <= ALIKE_LIMIT:
         return
-    what = (f"warning: at step {step} the fakes are {alike:.1f}x as alike as the reals "
+    what = (f"warning: at step {step} the fakes are {alike:.1f}x as alike as the training tiles "
             f"(MS-SSIM): G is collapsing towards few images")
     if augmenting(cfg, run) or not config_lib.augmentations(cfg):
         print(f"{what}; see the README, 'When the samples look alike'", flush=True)

@@ -456,27 +456,42 @@ def test_d_sees_reals_and_fakes_in_one_call():
     assert first_convs[0].inputs[0].shape.as_list()[0] == 2 * cfg.train.batch_size
 
 
-@pytest.mark.parametrize("fake_ms_ssim, warned", [(0.40, True), (0.12, False)])
-def test_an_evaluation_that_finds_the_fakes_alike_says_so(fake_ms_ssim, warned, capsys):
-    """Issue 19: a collapse on the user's imagery is named in the run's output, not only in
-    numbers: fakes more than 1.5x as alike as the reals (MS-SSIM) give a warning line."""
-    class Sink:
-        def write(self, record):
-            self.record = record
+class Sink:
+    def write(self, record):
+        self.record = record
 
-        def add_summary(self, summary, step):
-            pass
+    def add_summary(self, summary, step):
+        pass
 
-    found = {"event": "eval", "step": 500, "swd_avg": 128.0,
-             "swd_real_baseline_x1e3": {"avg": 80.0}, "ms_ssim_fake": fake_ms_ssim,
-             "ms_ssim_real": 0.08, "best": False}
+
+def evaluated(found, capsys):
+    """What the run prints of evaluation `found` at step 500 (smoke config)."""
     train.log_evaluation(Sink(), Sink(), found)
     run = types.SimpleNamespace(state={"d_augment_since": 0}, log=Sink())
     train.on_collapse(config.load(os.path.join(ROOT, "configs", "smoke.json")), run, 500, found)
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fake_ms_ssim, warned", [(0.40, True), (0.12, False)])
+def test_an_evaluation_that_finds_the_fakes_alike_says_so(fake_ms_ssim, warned, capsys):
+    """Issue 19: a collapse on the user's imagery is named in the run's output, not only in
+    numbers: fakes more than 1.5x as alike as the training tiles (MS-SSIM) give a warning line."""
+    out = evaluated({"event": "eval", "step": 500, "real_split": "train", "swd_avg": 128.0,
+                     "swd_real_baseline_x1e3": {"avg": 80.0}, "ms_ssim_fake": fake_ms_ssim,
+                     "ms_ssim_real": 0.08, "ms_ssim_train": 0.08, "best": False}, capsys)
     assert "MS-SSIM %.3f (reals 0.080)" % fake_ms_ssim in out
-    assert ("warning: at step 500 the fakes are 5.0x as alike as the reals" in out) == warned
+    assert ("warning: at step 500 the fakes are 5.0x as alike as the training tiles" in out) == warned
     assert ("'When the samples look alike'" in out) == warned
+
+
+def test_a_collapse_is_judged_against_the_training_tiles_not_a_holdout(capsys):
+    # A holdout from other places can be far more alike than the training tiles (the bundled
+    # sample's: about twice); judged against it, fakes 2.5x as alike as what G learns from passed.
+    out = evaluated({"event": "eval", "step": 500, "real_split": "holdout", "swd_avg": 128.0,
+                     "swd_real_baseline_x1e3": {"avg": 80.0}, "ms_ssim_fake": 0.20,
+                     "ms_ssim_real": 0.30, "ms_ssim_train": 0.08, "best": False}, capsys)
+    assert "MS-SSIM 0.200 (reals 0.300, training tiles 0.080)" in out
+    assert "warning: at step 500 the fakes are 2.5x as alike as the training tiles" in out
 
 
 def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
@@ -490,6 +505,8 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
     evals = [r for r in read_log(run) if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [20] and evals[0]["real_split"] == "holdout"
     assert evals[0]["swd_avg"] > 0 and 0 < evals[0]["ms_ssim_fake"] <= 1
+    assert 0 < evals[0]["ms_ssim_train"] <= 1 and evals[0]["ms_ssim_train"] != evals[0]["ms_ssim_real"]
+    assert f"training tiles {evals[0]['ms_ssim_train']:.3f})" in proc.stdout
     names = sorted(os.listdir(run / "checkpoints"))
     assert [n for n in names if n.endswith(".index")] == ["best-20.index", "model-30.index"]
     assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("model-30")
