@@ -94,11 +94,12 @@ def eval_reals(cfg, batches):
     t, m = cfg.train, cfg.model
     side = config_lib.load_size(cfg)
     pick = np.random.default_rng(t.seed).permutation(len(batches))[:t.eval_images]
-    training = batches.tiles
-    if training is None:
-        training = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
-                             for i in pick])
-    reals, split = training, cfg.data.split or "train"
+    if batches.tiles is not None:
+        reals, sample = batches.tiles, batches.tiles[pick]
+    else:
+        reals = sample = np.stack([data.read_tile(batches.files[i], side, cfg.data.grayscale)
+                                   for i in pick])
+    split = cfg.data.split or "train"
     if data.comparison_split(cfg.data.path) == data.HOLDOUT:
         reals, _ = data.load_tiles(cfg.data.path, data.HOLDOUT, side,
                                    cfg.data.grayscale, cfg.data.bad_files)
@@ -106,7 +107,6 @@ def eval_reals(cfg, batches):
     # One fixed window per tile when training crops (data.load_size).
     window = lambda tiles: data.random_crops(tiles, m.image_size,
                                              np.random.default_rng([t.seed, 0xC0]))
-    sample = training[pick] if batches.tiles is not None else training
     return window(reals), split, window(sample)
 
 
@@ -282,8 +282,8 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
               + (f", since the collapse found at step {since}" if since else ""))
     elif names:
         print(f"D will see every image through: {names} (train.d_augment) from the first "
-              f"evaluation that finds the fakes over {ALIKE_LIMIT}x as alike as the training tiles "
-              f"(train.d_augment_from collapse)")
+              f"evaluation that finds the fakes over {ALIKE_LIMIT}x as alike as the training "
+              f"tiles (train.d_augment_from collapse)")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
     step = loop(cfg, run, batches, evaluate, stop, step)
@@ -371,8 +371,8 @@ def log_evaluation(writer, log, found):
     print(f"eval at step {step}: SWD x1e3 {found['swd_avg']:.1f} (real vs real "
           f"{found['swd_real_baseline_x1e3']['avg']:.1f}), MS-SSIM {found['ms_ssim_fake']:.3f} "
           f"(reals {found['ms_ssim_real']:.3f}"
-          + (f", training tiles {found['ms_ssim_train']:.3f})" if found.get("real_split") == data.HOLDOUT
-             else ")")
+          + (f", training tiles {found['ms_ssim_train']:.3f})"
+             if found["real_split"] == data.HOLDOUT else ")")
           + ("  best so far, saved as best-%d" % step if found["best"] else ""), flush=True)
 
 
@@ -384,9 +384,10 @@ def augmenting(cfg, run):
 
 
 def on_collapse(cfg, run, step, found):
-    """Fakes over ALIKE_LIMIT times as alike as the training tiles: a warning; with train.d_augment_from
-    "collapse", the first such evaluation also turns train.d_augment on for the rest of the run."""
-    alike = found["ms_ssim_fake"] / max(found.get("ms_ssim_train", found["ms_ssim_real"]), 1e-6)
+    """Fakes over ALIKE_LIMIT times as alike as the training tiles: a warning; with
+    train.d_augment_from "collapse", the first such evaluation also turns train.d_augment on
+    for the rest of the run."""
+    alike = found["ms_ssim_fake"] / max(found["ms_ssim_train"], 1e-6)
     if alike <= ALIKE_LIMIT:
         return
     what = (f"warning: at step {step} the fakes are {alike:.1f}x as alike as the training tiles "
