@@ -301,32 +301,3 @@ def check_memory(needed, kind, have=None):
     raise DeviceError(f"this config needs about {gib(total)} ({gib(needed[0])} of weights, Adam "
                       f"and batch-norm state, {gib(needed[1])} for one step), more than "
                       f"{what} ({gib(have)}); lower {LOWER}")
-
-
-# ---------------------------------------------------------------- time on a CPU
-
-# A CPU runs this graph's training step at a fraction of NumPy's float32 matrix
-# product speed (docs/performance.md); used only to warn of a long CPU run.
-CPU_SHARE_OF_MATMUL = 0.5
-LONG_RUN_HOURS = 8
-
-
-def matmul_gflops(size=1024, repeats=3):
-    """NumPy's float32 matrix-product speed, the best of a few products."""
-    import time
-    import numpy as np
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    a @ a  # warm-up: BLAS threads and pages
-    best = min(_timed(lambda: a @ a, time) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
-
-
-def _timed(fn, time):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def cpu_hours(step_flops, steps, gflops):
-    """Estimated hours of `steps` CPU steps of `step_flops` each at `gflops` matmul speed."""
-    return steps * step_flops / (gflops * 1e9 * CPU_SHARE_OF_MATMUL) / 3600

@@ -31,7 +31,6 @@ import gan
 import metrics
 import model
 import runs
-import timing
 from cli import ArgumentParser, run_main
 from history_cache import HistoryCache
 from sampling import generate_u8, sample_latents
@@ -207,9 +206,6 @@ def main(argv=None):
             for name, scope in (("generator", model.GEN_SCOPE), ("discriminator", model.DISC_SCOPE))))
     # Nothing is allocated until the session runs: a config the device cannot hold stops here.
     device.check_memory(device.memory_needed(graph, (model.GEN_SCOPE, model.DISC_SCOPE)), kind)
-    if kind == "cpu" and cfg.run.device == "auto":
-        warn_if_long(cfg, graph, runs.checkpoint_step(prefix) if prefix else 0)
-
     os.makedirs(run_dir, exist_ok=True)
     lock = runs.acquire_lock(run_dir)
     try:
@@ -222,16 +218,36 @@ def main(argv=None):
         runs.release_lock(lock)
 
 
-def warn_if_long(cfg, graph, done):
-    """A run sized for a GPU, started on a CPU without asking for one, says how long it takes."""
-    flops = timing.graph_step_flops(graph, cfg.train.batch_size)[0]["B"]
-    hours = device.cpu_hours(flops, cfg.train.steps - done, device.matmul_gflops())
-    if hours > device.LONG_RUN_HOURS:
-        print(f"warning: no GPU, so this run trains on the CPU: about {hours:,.0f} hours for "
-              f"{cfg.train.steps - done:,} steps (estimated from its FLOPs and this CPU's matrix "
-              f"product speed); a GPU machine runs it (README, \"On a GPU\"), configs/cpu.json "
-              f"is sized for a CPU, and --set run.device=cpu trains here without this warning",
-              file=sys.stderr, flush=True)
+LONG_RUN_HOURS = 8  # a CPU run expected to take longer says so
+PACE_STEPS = 10  # steps, after a sitting's first, whose wall time sets that expectation
+
+
+class Pace:
+    """A run sized for a GPU, started on a CPU without asking for one, says how long it takes:
+    timed on its own first steps (samples included), which counts what a figure worked out in
+    advance misses (bf16 units, other jobs on the machine)."""
+
+    def __init__(self, cfg, plan):
+        self.on = plan.kind == "cpu" and cfg.run.device == "auto"
+        self.steps, self.started = cfg.train.steps, None
+
+    def after(self, step):
+        if not self.on:
+            return
+        if self.started is None:  # the first step of a sitting builds kernels: not timed
+            self.started = (step, time.time())
+            return
+        first, then = self.started
+        if step - first < PACE_STEPS or step >= self.steps:
+            return
+        self.on = False
+        hours = (time.time() - then) / (step - first) * (self.steps - step) / 3600
+        if hours > LONG_RUN_HOURS:
+            print(f"warning: no GPU, so this run trains on the CPU: about {hours:,.0f} more hours "
+                  f"for steps {step + 1:,}..{self.steps:,} at the pace of steps {first + 1:,}.."
+                  f"{step:,}; a GPU machine runs it (README, \"On a GPU\"), configs/cpu.json is "
+                  f"sized for a CPU, and --set run.device=cpu trains here without this warning",
+                  file=sys.stderr, flush=True)
 
 
 def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
@@ -286,7 +302,7 @@ def train(cfg, plan, graph, g, batches, eval_set, run_dir, prefix, changed):
               f"tiles (train.d_augment_from collapse)")
 
     evaluate = Evaluator(cfg, g, *eval_set, run.ckpt_dir, logged) if eval_set else None
-    step = loop(cfg, run, batches, evaluate, stop, step)
+    step = loop(cfg, run, batches, evaluate, stop, step, Pace(cfg, plan))
 
     if stop.signal is not None:
         save_on_stop(run, step)
@@ -309,7 +325,7 @@ def out_of_memory(run, step, e):
                          f"free the device's memory and --resume {run.dir}")
 
 
-def loop(cfg, run, batches, evaluate, stop, step):
+def loop(cfg, run, batches, evaluate, stop, step, pace):
     """Train from `step` until train.steps or a stop signal; returns the last step trained."""
     t, sess, g, writer, log = cfg.train, run.sess, run.g, run.writer, run.log
     try:
@@ -349,6 +365,7 @@ def loop(cfg, run, batches, evaluate, stop, step):
                 checkpoint(run, step)
             if step % 50 == 0 or step == t.steps:
                 print_progress(record)
+            pace.after(step)
     except tf.errors.ResourceExhaustedError as e:  # in a step, an evaluation or a sample grid
         raise out_of_memory(run, step, e) from None
     except tf.errors.UnimplementedError as e:  # an op with no deterministic kernel on this device

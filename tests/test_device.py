@@ -1,5 +1,6 @@
 """device.py: which device runs the graph, its tuning, its memory, and what train.py says of it."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -189,12 +190,27 @@ def test_an_op_without_a_deterministic_kernel_is_one_error_line_naming_the_key(
 
 
 def test_a_long_cpu_run_under_auto_says_how_many_hours(tiles_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(device, "matmul_gflops", lambda: 1e-6)  # a very slow CPU
-    assert train.cli(argv(tiles_dir, tmp_path / "a", "train.steps=1")) == 0
+    monkeypatch.setattr(train, "LONG_RUN_HOURS", 0)  # every run is long
+    assert train.cli(argv(tiles_dir, tmp_path / "a", f"train.steps={train.PACE_STEPS + 2}")) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "hours" in err and "run.device=cpu" in err
-    assert train.cli(argv(tiles_dir, tmp_path / "b", "train.steps=1", "run.device=cpu")) == 0
+    assert train.cli(argv(tiles_dir, tmp_path / "b", f"train.steps={train.PACE_STEPS + 2}",
+                          "run.device=cpu")) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps, warned", [(10_011, True), (5_011, False)])
+def test_the_hours_come_from_the_runs_own_pace(steps, warned, capsys, monkeypatch):
+    """3.6 s a step after the first: 10,000 steps to go are 10 hours (over the line),
+    5,000 are 5 (under it); the first step, which builds kernels, is not counted."""
+    clock = iter([1000.0, 1000.0 + 3.6 * train.PACE_STEPS])  # after step 1, after step 11
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    cfg = SimpleNamespace(train=SimpleNamespace(steps=steps), run=SimpleNamespace(device="auto"))
+    pace = train.Pace(cfg, SimpleNamespace(kind="cpu"))
+    for step in range(1, train.PACE_STEPS + 3):
+        pace.after(step)
+    err = capsys.readouterr().err
+    assert ("about 10 more hours" in err) if warned else err == ""
 
 
 # ---------------------------------------------------------------- determinism
