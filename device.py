@@ -9,7 +9,8 @@ ConfigProto is built; `describe` is the start-up line that names the device;
 Importing this module imports TensorFlow with its benign start-up notices held
 back (`held_stderr`): on a machine without a CUDA driver TensorFlow prints an
 `E0000 ... failed call to cuInit` line that reads as a failure; the device
-line says the same thing plainly. Anything else TensorFlow prints is shown.
+line says the same thing plainly. oneDNN's notice that float sums may round
+differently is held back too. Anything else TensorFlow prints is shown.
 """
 import contextlib
 import ctypes
@@ -32,7 +33,10 @@ KINDS = ("cpu", "gpu")
 # CUDA driver. The cuInit error is benign only beside the "no cuda drivers"
 # notice: with a driver installed, it is a real fault and is shown.
 NO_DRIVER = re.compile(r"cudart_stub\.cc.*Could not find cuda drivers")
-BENIGN = (NO_DRIVER, re.compile(r"All log messages before absl::InitializeLog\(\) is called"))
+BENIGN = (NO_DRIVER, re.compile(r"All log messages before absl::InitializeLog\(\) is called"),
+          # oneDNN's notice that sums may round differently: true of every CPU run, said
+          # once in docs/performance.md, not twice on every start (--help included)
+          re.compile(r"port\.cc.*oneDNN custom operations are on"))
 CUINIT = re.compile(r"failed call to cuInit")
 
 

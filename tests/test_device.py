@@ -105,7 +105,11 @@ def test_the_device_line_names_the_cpu_and_why():
 def test_tensorflows_benign_start_up_notices_are_held_back_and_real_errors_shown():
     notices = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
                "I0000 00:00:1.2 8258 cudart_stub.cc:31] Could not find cuda drivers on your "
-               "machine, GPU will not be used.\n")
+               "machine, GPU will not be used.\n"
+               "I0000 00:00:1.25 8258 port.cc:153] oneDNN custom operations are on. You may see "
+               "slightly different numerical results due to floating-point round-off errors from "
+               "different computation orders. To turn them off, set the environment variable "
+               "`TF_ENABLE_ONEDNN_OPTS=0`.\n")
     cuinit = ("E0000 00:00:1.3 8258 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA "
               "error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
     real = "E0000 00:00:1.4 8258 something.cc:1] a real failure\n"
