@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -551,7 +552,25 @@ def file_scene(path, header, args, name, source, holdout=None, in_folder=False):
     return Scene(name, source, [path], header.size, reads, dtype, header.palette, holdout)
 
 
+def check_one_acquisition(paths):
+    """Three band files named as one scene must be named alike but for the band: a pattern that
+    matches two acquisitions (LC08_*_B{4,3,2}.TIF over two dates) lists B4 B4 B3 B3 B2 B2 and
+    would pair bands of different days. Names are compared token by token (split at _ - .):
+    one token may differ, and then in all three; names of other shapes are not judged."""
+    tokens = [re.split(r"[_.-]", path.stem) for path in paths]
+    if len({len(t) for t in tokens}) != 1:
+        return
+    differing = [set(column) for column in zip(*tokens) if len(set(column)) > 1]
+    if len(differing) > 1 or (differing and len(differing[0]) < 3):
+        names = ", ".join(path.name for path in paths)
+        raise PrepareError(f"{paths[0]}: taken with the next two files as one scene's red, green "
+                           f"and blue ({names}), but their names differ in more than the band; "
+                           f"list each acquisition's three band files together, e.g. one "
+                           f"pattern per acquisition")
+
+
 def band_scene(bands, taken):
+    check_one_acquisition([path for path, _ in bands])
     (red, header), *others = bands
     for path, other in others:
         if other.size != header.size:

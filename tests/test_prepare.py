@@ -468,6 +468,34 @@ def test_all_tiles_in_the_holdout_exits_2(tiles, capsys):
     assert not (tiles.parent / "out").exists()
 
 
+def test_band_files_of_two_acquisitions_in_one_pattern_are_refused(tmp_path, capsys):
+    """LC08_*_B{4,3,2}.TIF over two dates: bash lists B4 B4 B3 B3 B2 B2, which would pair the
+    bands of different days; one error names the files, nothing is written."""
+    rng = np.random.default_rng(0)
+    names = [f"LC08_L1TP_224077_{day}_02_T1_B{n}.TIF" for n in (4, 3, 2)
+             for day in ("20200518", "20200603")]
+    paths = [save_band(tmp_path / name, rng.integers(6000, 9000, (128, 128))) for name in names]
+    out = tmp_path / "out"
+    assert run(*paths, "--holdout", 0, "--out", out) == 2
+    message = error_text(capsys.readouterr().err)
+    assert all(name in message for name in names[:3]) and "one scene" in message
+    assert not out.exists()
+    # the same files, one acquisition after the other, make two scenes
+    in_order = [tmp_path / f"LC08_L1TP_224077_{day}_02_T1_B{n}.TIF"
+                for day in ("20200518", "20200603") for n in (4, 3, 2)]
+    assert run(*in_order, "--holdout", 0, "--out", out) == 0
+    assert len({row["source"] for row in manifest(out)}) == 2
+
+
+@pytest.mark.parametrize("stems", [("red", "green", "blue"), ("x_R", "x_G", "x_B"),
+                                   ("T21JYN_20200518T135111_B04_10m", "T21JYN_20200518T135111_B03_10m",
+                                    "T21JYN_20200518T135111_B02_10m"),
+                                   ("a_b4", "a_b3", "other_b2_final")])
+def test_band_files_named_alike_but_for_the_band_are_one_scene(stems):
+    """Names differing in one token, or of different shapes (not judged), pass."""
+    prepare.check_one_acquisition([Path(f"/x/{stem}.tif") for stem in stems])
+
+
 # ---------------------------------------------------------------- bands without variation
 
 def test_constant_band_is_an_error_naming_its_file(tmp_path, capsys):
