@@ -489,11 +489,14 @@ def unique_name(name, taken):
     return unique
 
 
+NAME_SEPARATORS = "_-."  # between the parts of a band file's name (LC08_..._B4, T21JYN_..._B04_10m)
+
+
 def band_scene_name(paths):
     """Common start of the band file names, cut at a separator: LC08_..._RT_B4/_B3/_B2 ->
     LC08_..._RT."""
     prefix = os.path.commonprefix([path.stem for path in paths])
-    cut = max(prefix.rfind(sep) for sep in "_-.")
+    cut = max(prefix.rfind(sep) for sep in NAME_SEPARATORS)
     return prefix[:cut] if cut > 0 else paths[0].stem
 
 
@@ -557,7 +560,7 @@ def check_one_acquisition(paths):
     matches two acquisitions (LC08_*_B{4,3,2}.TIF over two dates) lists B4 B4 B3 B3 B2 B2 and
     would pair bands of different days. Names are compared token by token (split at _ - .):
     one token may differ, and then in all three; names of other shapes are not judged."""
-    tokens = [re.split(r"[_.-]", path.stem) for path in paths]
+    tokens = [re.split(f"[{re.escape(NAME_SEPARATORS)}]", path.stem) for path in paths]
     if len({len(t) for t in tokens}) != 1:
         return
     differing = [set(column) for column in zip(*tokens) if len(set(column)) > 1]
