@@ -57,6 +57,8 @@ class TrainConfig:
     lr_gen: float = 2e-4           # Adam learning rate of the generator
     lr_disc: float = 1.5e-4        # Adam learning rate of the three discriminator optimisers
     beta1: float = 0.5             # Adam beta1 of all four optimisers
+    real_label: float = 1.0        # D's target for reals; below 1 smooths it, one-sided
+                                   # (Salimans et al. 2016); 1 = off
     history_prob: float = 0.3      # probability that a step shows D cached old fakes
     history_fraction: float = 0.5  # share of the fake half replaced when it does
     history_size: int = 1000       # images kept in the history cache
@@ -211,6 +213,9 @@ def validate(cfg):
         if not 0.0 <= get(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}' must be at least 0 and below 1, "
                               f"got {get(cfg, key)}")
+    if not 0.5 < t.real_label <= 1.0:
+        raise ConfigError(f"config key 'train.real_label' must be above 0.5 and at most 1, "
+                          f"got {t.real_label}")
     if m.channels != 3:
         raise ConfigError(f"config key 'model.channels' must be 3 (tiles are read as RGB), "
                           f"got {m.channels}")

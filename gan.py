@@ -83,8 +83,9 @@ def build_graph(cfg, plan=None):
         d_in = augment(d_in)
     logits = model.discriminator(d_in, g["is_training_in"], **kw)
     real_logits, fake_logits = logits[:B], logits[B:]  # [B], [B]
+    g["real_logits"] = real_logits
     ce = tf.nn.sigmoid_cross_entropy_with_logits
-    g["d_real_loss"] = tf.reduce_mean(ce(labels=tf.ones([B]), logits=real_logits))
+    g["d_real_loss"] = tf.reduce_mean(ce(labels=tf.fill([B], t.real_label), logits=real_logits))
     g["d_fake_loss"] = tf.reduce_mean(ce(labels=tf.zeros([B]), logits=fake_logits))
     own = 1.0 - g["history_mask_in"]  # G is judged on its own fakes only
     g["g_loss"] = tf.reduce_sum(ce(labels=tf.ones([B]), logits=fake_logits) * own) / \
