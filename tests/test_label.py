@@ -36,5 +36,6 @@ def test_a_target_outside_its_range_is_refused(label):
         config.load(os.path.join(ROOT, "configs", "smoke.json"), [f"train.real_label={label}"])
 
 
-def test_off_in_the_write_ups_config():
+def test_off_in_the_write_ups_config_on_in_the_main_one():
     assert config.load(os.path.join(ROOT, "configs", "article.json")).train.real_label == 1.0
+    assert config.load(os.path.join(ROOT, "configs", "cpu.json")).train.real_label == 0.9
